@@ -1,0 +1,149 @@
+"""Benchmark of stg_ext.combine (CFG + STG + rescale 0.7) on real latent shapes, measured in one run.
+
+Columns: the "cpu" backend (C++ op), the eager PyTorch reference, torch.compile of the reference, and the
+memory-bound floor: one torch.add pass over the same number of bytes as one read of c, u, p and one write.
+
+    python benchmarks/bench_combine.py --out bench_out          # table on stdout, CSV (+ PNG if matplotlib)
+    python benchmarks/bench_combine.py --quick                  # smaller repeat counts
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+import stg_ext
+from stg_ext.reference import combine_reference
+
+LATENT_SHAPES = {
+    "mochi": (1, 12, 28, 60, 106),
+    "ltx-video-2b": (1, 128, 21, 16, 24),
+    "wan-1.3b": (1, 16, 21, 60, 104),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CFG_SCALE, STG_SCALE, RESCALE = 4.5, 1.0, 0.7
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def make_latents(shape, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    c = torch.randn(shape, generator=gen).to(dtype)
+    return c, (c.float() + 0.3 * torch.randn(shape, generator=gen)).to(dtype), torch.randn(shape, generator=gen).to(dtype)
+
+
+def candidates(c, p, u) -> Dict[str, Callable[[], object]]:
+    def eager():
+        return combine_reference(c, [p], u, CFG_SCALE, [STG_SCALE], RESCALE, False, False)
+
+    compiled_ref = torch.compile(combine_reference, dynamic=False)
+
+    def compiled():
+        return compiled_ref(c, [p], u, CFG_SCALE, [STG_SCALE], RESCALE, False, False)
+
+    # The floor: one elementwise pass moving as many bytes as reading c, u, p and writing f once.
+    n_floor = math.ceil(4 * c.numel() / 3)
+    a, b = torch.empty(n_floor, dtype=c.dtype).normal_(), torch.empty(n_floor, dtype=c.dtype).normal_()
+    floor_out = torch.empty_like(a)
+
+    out = {
+        "torch_add_floor": lambda: torch.add(a, b, out=floor_out),
+        "eager_reference": eager,
+        "compiled_reference": compiled,
+    }
+    if "cpu" in stg_ext.available_backends("cpu"):
+        out["stg_ext_cpu"] = lambda: stg_ext.combine(c, p, u, cfg_scale=CFG_SCALE, stg_scale=STG_SCALE,
+                                                     rescale=RESCALE, backend="cpu")
+    return out
+
+
+def run(repeats: int) -> List[dict]:
+    rows = []
+    for model, shape in LATENT_SHAPES.items():
+        for dname, dtype in DTYPES.items():
+            c, p, u = make_latents(shape, dtype)
+            times = {name: median_seconds(fn, repeats) for name, fn in candidates(c, p, u).items()}
+            row = {"model": model, "shape": "x".join(map(str, shape)), "dtype": dname,
+                   "threads": torch.get_num_threads()}
+            row.update({f"{k}_ms": round(v * 1e3, 3) for k, v in times.items()})
+            if "stg_ext_cpu" in times:
+                row["speedup_vs_eager"] = round(times["eager_reference"] / times["stg_ext_cpu"], 2)
+                row["speedup_vs_compiled"] = round(times["compiled_reference"] / times["stg_ext_cpu"], 2)
+                row["x_floor"] = round(times["stg_ext_cpu"] / times["torch_add_floor"], 2)
+            rows.append(row)
+            print(format_row(row), flush=True)
+    return rows
+
+
+COLUMNS = ["model", "dtype", "stg_ext_cpu_ms", "eager_reference_ms", "compiled_reference_ms", "torch_add_floor_ms",
+           "speedup_vs_eager", "speedup_vs_compiled", "x_floor"]
+
+
+def format_row(row: dict) -> str:
+    return " | ".join(f"{row.get(c, '-')!s:>{max(len(c), 8)}}" for c in COLUMNS)
+
+
+def write_outputs(rows: List[dict], out_dir: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "combine.csv")
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    labels = [f"{r['model']}\n{r['dtype']}" for r in rows]
+    series = ["stg_ext_cpu_ms", "compiled_reference_ms", "eager_reference_ms", "torch_add_floor_ms"]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(series)
+    for i, name in enumerate(series):
+        ax.bar([x + i * width for x in range(len(rows))], [r.get(name, 0) for r in rows], width, label=name[:-3])
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], labels)
+    ax.set_ylabel("ms per call (median)")
+    ax.set_title("stg_ext.combine: CFG + STG + rescale 0.7")
+    ax.legend()
+    fig.tight_layout()
+    png = os.path.join(out_dir, "combine.png")
+    fig.savefig(png, dpi=120)
+    print(f"wrote {png}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench_out", help="folder for combine.csv (and combine.png)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed calls per measurement (median reported)")
+    parser.add_argument("--quick", action="store_true", help="5 repeats instead of --repeats")
+    args = parser.parse_args(argv)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, stg_ext backends "
+          f"{stg_ext.available_backends('cpu')}")
+    print(" | ".join(f"{c:>{max(len(c), 8)}}" for c in COLUMNS))
+    rows = run(5 if args.quick else args.repeats)
+    write_outputs(rows, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+// Per-element and per-sample math of the STG guidance combination (STG_SPEC section 2).
+//
+// Shared, unchanged, by the C++ CPU kernel and the CUDA kernel (hence __host__ __device__ and no torch
+// headers), so the CPU tests exercise the arithmetic the CUDA kernel runs.
+//
+// Notation: c cond, u uncond, g cfg scale, p0/p1 perturbed (p1 only for factorized guidance),
+// s0/s1 their scales. With d_i = c - p_i:
+//   a = (has_u ? u + g (c - u) : c) + s0 d0 + s1 d1
+//   b = orthogonalize ? -s1 d0 : 0
+//   f = a + alpha b,      alpha = <d1, d0> / <d0, d0>  (Algorithm 5; 0 when <d0, d0> = 0)
+// f is affine in alpha, so its per-sample mean and variance follow from sums of a, a^2, b, ab, b^2 that one
+// pass accumulates together with <d1, d0> and <d0, d0>; the second pass writes f * k (Algorithm 4).
+// c, a and b enter those sums shifted by their value at the sample's first element (SampleShift): the
+// variance E[x^2] - E[x]^2 then cancels far less in fp32, and a constant sample gives exactly 0.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define STG_HD __host__ __device__ __forceinline__
+#else
+#define STG_HD inline
+#endif
+
+namespace stg_ext {
+
+// Slots of the per-sample sums written by the reduction pass.
+enum CombineSum : int {
+  kSumC = 0,   // sum c
+  kSumC2,      // sum c^2
+  kSumA,       // sum a
+  kSumA2,      // sum a^2
+  kSumB,       // sum b
+  kSumAB,      // sum a b
+  kSumB2,      // sum b^2
+  kDotTS,      // sum d1 d0   (orthogonalization numerator)
+  kDotSS,      // sum d0 d0   (orthogonalization denominator)
+  kNumSums
+};
+
+struct CombineScalars {
+  float cfg_scale;    // used when no per-element cfg tensor is given
+  float stg0;         // scale of the first perturbed prediction
+  float stg1;         // scale of the second one (factorized guidance), else 0
+  float rescale;      // r in [0, 1]
+  bool has_uncond;
+  bool two_perturbed;
+  bool orthogonalize;
+  bool fold;
+};
+
+struct ElementTerms {
+  float a;
+  float b;
+  float d0;
+  float d1;
+};
+
+// STG_SPEC 2: the CFG part (or c alone) plus the STG terms, before orthogonalization and rescale.
+STG_HD ElementTerms element_terms(float c, float u, float g, float p0, float p1, const CombineScalars& s) {
+  ElementTerms t;
+  const float base = s.has_uncond ? u + g * (c - u) : c;
+  t.d0 = c - p0;
+  t.d1 = s.two_perturbed ? c - p1 : 0.0f;
+  t.a = base + s.stg0 * t.d0 + s.stg1 * t.d1;
+  t.b = s.orthogonalize ? -s.stg1 * t.d0 : 0.0f;
+  return t;
+}
+
+// The value written for one element once alpha and the rescale factor of its sample are known.
+STG_HD float element_output(const ElementTerms& t, float u, float g, float alpha, float factor,
+                            const CombineScalars& s) {
+  const float f = (t.a + alpha * t.b) * factor;
+  // fold: c' = u + (f - u) / g, so that the pipeline's own u + g (c' - u) yields f.
+  return s.fold ? u + (f - u) / g : f;
+}
+
+// Values at a sample's first element, subtracted from c, a and b before they are summed.
+struct SampleShift {
+  float c;
+  float a;
+  float b;
+};
+
+STG_HD SampleShift sample_shift(float c0, const ElementTerms& t0) {
+  SampleShift sh;
+  sh.c = c0;
+  sh.a = t0.a;
+  sh.b = t0.b;
+  return sh;
+}
+
+// Adds one element to the per-sample sums (slots of CombineSum), shifted as described above.
+template <typename Acc>
+STG_HD void accumulate(Acc* sums, float c, const ElementTerms& t, const SampleShift& sh) {
+  const float dc = c - sh.c, da = t.a - sh.a, db = t.b - sh.b;
+  sums[kSumC] += dc;
+  sums[kSumC2] += dc * dc;
+  sums[kSumA] += da;
+  sums[kSumA2] += da * da;
+  sums[kSumB] += db;
+  sums[kSumAB] += da * db;
+  sums[kSumB2] += db * db;
+  sums[kDotTS] += t.d1 * t.d0;
+  sums[kDotSS] += t.d0 * t.d0;
+}
+
+template <typename Acc>
+struct SampleCoeffs {
+  Acc alpha;
+  Acc factor;
+};
+
+// Per-sample orthogonalization coefficient and rescale factor from the reduction pass's sums (of shifted
+// values: mean and variance of f - (a0 + alpha b0) equal those of f up to the mean, which cancels).
+template <typename Acc>
+STG_HD SampleCoeffs<Acc> sample_coeffs(const Acc* sums, Acc n, const CombineScalars& s) {
+  SampleCoeffs<Acc> out;
+  out.alpha = Acc(0);
+  if (s.orthogonalize && sums[kDotSS] != Acc(0)) out.alpha = sums[kDotTS] / sums[kDotSS];
+  out.factor = Acc(1);
+  if (s.rescale > 0.0f) {
+    const Acc al = out.alpha;
+    const Acc mean_c = sums[kSumC] / n;
+    const Acc var_c = sums[kSumC2] / n - mean_c * mean_c;
+    const Acc mean_f = (sums[kSumA] + al * sums[kSumB]) / n;
+    const Acc ef2 = (sums[kSumA2] + Acc(2) * al * sums[kSumAB] + al * al * sums[kSumB2]) / n;
+    const Acc var_f = ef2 - mean_f * mean_f;
+    if (var_f > Acc(0)) {  // std(f) = 0 (a constant sample): factor 1
+      const Acc vc = var_c > Acc(0) ? var_c : Acc(0);
+      const Acc ratio = Acc(sqrt(double(vc / var_f)));
+      out.factor = Acc(s.rescale) * ratio + (Acc(1) - Acc(s.rescale));
+    }
+  }
+  return out;
+}
+
+}  // namespace stg_ext

@@ -1,0 +1,84 @@
+"""Plain PyTorch references: the oracle every fast path is compared with.
+
+Written for reading, not for speed. Every formula follows ``shared/STG_SPEC.md`` section 2 literally:
+no algebraic shortcuts that a kernel might share with it (the kernels expand the variance of ``f``
+analytically; this file computes ``f`` and takes its ``std`` directly).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+Scale = Union[float, torch.Tensor]
+
+
+def _per_sample_std(x: torch.Tensor) -> torch.Tensor:
+    """Population std of each sample over every non-batch dimension, shaped to broadcast against x.
+
+    The correction (biased or unbiased) cancels in the ratio std(c)/std(f); population std also
+    stays finite for one-element samples.
+    """
+    dims = list(range(1, x.ndim))
+    if not dims:  # a 1-D tensor is a batch of scalars: each "sample" has zero spread
+        return torch.zeros_like(x)
+    return x.std(dim=dims, correction=0, keepdim=True)
+
+
+def _per_sample_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    dims = list(range(1, a.ndim))
+    if not dims:
+        return a * b
+    return (a * b).sum(dim=dims, keepdim=True)
+
+
+def combine_reference(
+    cond: torch.Tensor,
+    perturbed: Sequence[torch.Tensor],
+    uncond: Optional[torch.Tensor],
+    cfg_scale: Scale,
+    stg_scales: Sequence[float],
+    rescale: float,
+    orthogonalize: bool,
+    fold: bool,
+) -> torch.Tensor:
+    """STG guidance combination (STG_SPEC section 2), computed in fp32, returned in ``cond``'s dtype.
+
+    ``perturbed`` and ``stg_scales`` have equal length (1 for plain STG, 2 for factorized guidance:
+    spatial first, then temporal). Inputs are assumed validated (see ``stg_ext.ops.combine``).
+    """
+    c = cond.float()
+    u = uncond.float() if uncond is not None else None
+    g = cfg_scale.float() if isinstance(cfg_scale, torch.Tensor) else float(cfg_scale)
+
+    # CFG part, or the conditional prediction alone (Algorithm 1).
+    f = u + g * (c - u) if u is not None else c.clone()
+
+    diffs = [c - p.float() for p in perturbed]
+    if orthogonalize:
+        d_s, d_t = diffs
+        dot_ts = _per_sample_dot(d_t, d_s)
+        dot_ss = _per_sample_dot(d_s, d_s)
+        coeff = torch.where(dot_ss == 0, torch.zeros_like(dot_ss), dot_ts / dot_ss)
+        diffs = [d_s, d_t - coeff * d_s]
+    for s, d in zip(stg_scales, diffs):
+        f = f + float(s) * d
+
+    if rescale > 0:
+        std_c = _per_sample_std(c)
+        std_f = _per_sample_std(f)
+        ratio = torch.where(std_f == 0, torch.ones_like(std_f), std_c / std_f)
+        factor = rescale * ratio + (1.0 - rescale)
+        f = f * factor
+
+    if fold:
+        # c' with u + g (c' - u) = f: a pipeline's own CFG line then produces f.
+        f = u + (f - u) / g
+    return f.to(cond.dtype)
+
+
+def cfg_reference(cond: torch.Tensor, uncond: Optional[torch.Tensor], cfg_scale: Scale) -> torch.Tensor:
+    """What a stock pipeline computes without STG, in the inputs' own dtype (no upcast)."""
+    if uncond is None:
+        return cond.clone()
+    return uncond + cfg_scale * (cond - uncond)
