@@ -157,6 +157,12 @@ def test_zero_variance_gives_factor_one(backend):
     zeros = torch.zeros(2, 3, 4)
     out = combine(zeros, zeros, zeros, cfg_scale=3.0, rescale=0.7, backend=backend)
     assert torch.equal(out, zeros)
+    # A constant nonzero sample (and a one-element one) has std exactly 0 in every backend: factor 1.
+    for const in (torch.full((2, 3, 4097), 12.345), torch.full((3, 1), 0.3)):
+        p = const - 0.1
+        want = combine(const, p, None, stg_scale=1.0, backend="torch")  # rescale off
+        for b in ("torch", backend):
+            torch.testing.assert_close(combine(const, p, None, stg_scale=1.0, rescale=0.7, backend=b), want)
     # Orthogonalization with d_s = 0 uses a zero coefficient instead of dividing by zero.
     c = torch.randn(2, 3, 4)
     p_t = c + 1.0
