@@ -19,7 +19,9 @@
 #if defined(__CUDACC__)
 #define STG_HD __host__ __device__ __forceinline__
 #else
-#define STG_HD inline
+// Always inlined: the CPU kernel compiles these for several instruction sets (cpu/combine_chunks.h), and
+// an out-of-line copy shared between them could run AVX code on a CPU without AVX.
+#define STG_HD inline __attribute__((always_inline))
 #endif
 
 namespace stg_ext {
@@ -49,28 +51,32 @@ struct CombineScalars {
   bool fold;
 };
 
+// F is the value type: float (CUDA, scalar loops) or a GCC vector of floats (the CPU kernel's SIMD
+// loops). The formulas are written once, for both.
+template <typename F = float>
 struct ElementTerms {
-  float a;
-  float b;
-  float d0;
-  float d1;
+  F a;
+  F b;
+  F d0;
+  F d1;
 };
 
 // STG_SPEC 2: the CFG part (or c alone) plus the STG terms, before orthogonalization and rescale.
-STG_HD ElementTerms element_terms(float c, float u, float g, float p0, float p1, const CombineScalars& s) {
-  ElementTerms t;
-  const float base = s.has_uncond ? u + g * (c - u) : c;
+template <typename F>
+STG_HD ElementTerms<F> element_terms(F c, F u, F g, F p0, F p1, const CombineScalars& s) {
+  ElementTerms<F> t;
+  const F base = s.has_uncond ? u + g * (c - u) : c;
   t.d0 = c - p0;
-  t.d1 = s.two_perturbed ? c - p1 : 0.0f;
+  t.d1 = s.two_perturbed ? c - p1 : F{};
   t.a = base + s.stg0 * t.d0 + s.stg1 * t.d1;
-  t.b = s.orthogonalize ? -s.stg1 * t.d0 : 0.0f;
+  t.b = (s.orthogonalize ? -s.stg1 : 0.0f) * t.d0;
   return t;
 }
 
 // The value written for one element once alpha and the rescale factor of its sample are known.
-STG_HD float element_output(const ElementTerms& t, float u, float g, float alpha, float factor,
-                            const CombineScalars& s) {
-  const float f = (t.a + alpha * t.b) * factor;
+template <typename F>
+STG_HD F element_output(const ElementTerms<F>& t, F u, F g, float alpha, float factor, const CombineScalars& s) {
+  const F f = (t.a + alpha * t.b) * factor;
   // fold: c' = u + (f - u) / g, so that the pipeline's own u + g (c' - u) yields f.
   return s.fold ? u + (f - u) / g : f;
 }
@@ -82,7 +88,7 @@ struct SampleShift {
   float b;
 };
 
-STG_HD SampleShift sample_shift(float c0, const ElementTerms& t0) {
+STG_HD SampleShift sample_shift(float c0, const ElementTerms<float>& t0) {
   SampleShift sh;
   sh.c = c0;
   sh.a = t0.a;
@@ -90,19 +96,27 @@ STG_HD SampleShift sample_shift(float c0, const ElementTerms& t0) {
   return sh;
 }
 
-// Adds one element to the per-sample sums (slots of CombineSum), shifted as described above.
+// Adds one element (or one vector of elements) to the nine per-sample sums, in CombineSum order,
+// shifted as described above. Scalar references rather than an array, so that they stay in registers.
+template <typename F, typename Acc>
+STG_HD void accumulate(F c, const ElementTerms<F>& t, const SampleShift& sh, Acc& sum_c, Acc& sum_c2, Acc& sum_a,
+                       Acc& sum_a2, Acc& sum_b, Acc& sum_ab, Acc& sum_b2, Acc& dot_ts, Acc& dot_ss) {
+  const F dc = c - sh.c, da = t.a - sh.a, db = t.b - sh.b;
+  sum_c += dc;
+  sum_c2 += dc * dc;
+  sum_a += da;
+  sum_a2 += da * da;
+  sum_b += db;
+  sum_ab += da * db;
+  sum_b2 += db * db;
+  dot_ts += t.d1 * t.d0;
+  dot_ss += t.d0 * t.d0;
+}
+
 template <typename Acc>
-STG_HD void accumulate(Acc* sums, float c, const ElementTerms& t, const SampleShift& sh) {
-  const float dc = c - sh.c, da = t.a - sh.a, db = t.b - sh.b;
-  sums[kSumC] += dc;
-  sums[kSumC2] += dc * dc;
-  sums[kSumA] += da;
-  sums[kSumA2] += da * da;
-  sums[kSumB] += db;
-  sums[kSumAB] += da * db;
-  sums[kSumB2] += db * db;
-  sums[kDotTS] += t.d1 * t.d0;
-  sums[kDotSS] += t.d0 * t.d0;
+STG_HD void accumulate(Acc* sums, float c, const ElementTerms<float>& t, const SampleShift& sh) {
+  accumulate(c, t, sh, sums[kSumC], sums[kSumC2], sums[kSumA], sums[kSumA2], sums[kSumB], sums[kSumAB],
+             sums[kSumB2], sums[kDotTS], sums[kDotSS]);
 }
 
 template <typename Acc>

@@ -17,13 +17,14 @@ def _per_sample_std(x: torch.Tensor) -> torch.Tensor:
     """Population std of each sample over every non-batch dimension, shaped to broadcast against x.
 
     The correction (biased or unbiased) cancels in the ratio std(c)/std(f); population std also
-    stays finite for one-element samples. Taken in float64: a sum of fp32 values is then exact, so a
-    constant sample has std exactly 0 (factor 1, as the spec says) instead of rounding noise.
+    stays finite for one-element samples. Taken of x minus each sample's first element (std is shift
+    invariant): a constant sample then has std exactly 0 (factor 1, as the spec says), not rounding noise.
     """
     dims = list(range(1, x.ndim))
-    if not dims:  # a 1-D tensor is a batch of scalars: each "sample" has zero spread
-        return torch.zeros_like(x)
-    return x.double().std(dim=dims, correction=0, keepdim=True).to(x.dtype)
+    if not dims or x.numel() == 0:  # scalars or empty samples: zero spread
+        return torch.zeros([x.shape[0]] + [1] * len(dims), dtype=x.dtype, device=x.device) if dims else torch.zeros_like(x)
+    first = x.flatten(1)[:, :1].reshape([x.shape[0]] + [1] * len(dims))
+    return (x - first).std(dim=dims, correction=0, keepdim=True)
 
 
 def _per_sample_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

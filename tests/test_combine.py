@@ -251,6 +251,25 @@ def test_import_falls_back_with_a_logged_reason():
     assert "'cpu'" not in backends and "'torch'" in backends
 
 
+@needs_compiled
+def test_baseline_isa_build_matches_reference():
+    # The C++ chunk loops exist for AVX2 and for baseline x86-64; this machine runs AVX2 by default.
+    code = ("import torch, stg_ext\n"
+            "for dt in (torch.float32, torch.float16, torch.bfloat16):\n"
+            "    for kw in (dict(rescale=0.7), dict(fold=True), dict(rescale=1.0, orthogonalize=True)):\n"
+            "        g = torch.Generator().manual_seed(0)\n"
+            "        c, u, p, q = (torch.randn(2, 3, 5, 77, generator=g).to(dt) for _ in range(4))\n"
+            "        pert, s = ((p, q), (1.0, 0.5)) if 'orthogonalize' in kw else (p, 1.5)\n"
+            "        a = stg_ext.combine(c, pert, u, cfg_scale=4.5, stg_scale=s, backend='cpu', **kw)\n"
+            "        b = stg_ext.combine(c, pert, u, cfg_scale=4.5, stg_scale=s, backend='torch', **kw)\n"
+            "        tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dt]\n"
+            "        torch.testing.assert_close(a.float(), b.float(), atol=tol * max(1, b.abs().max().item()), rtol=tol)\n"
+            "print('ok')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**__import__("os").environ, "STG_EXT_CPU_ISA": "baseline"})
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
 # --- properties over random shapes and scales -----------------------------------------------------
 
 @needs_compiled

@@ -12,6 +12,9 @@ namespace cpu {
 // Buffers are contiguous, `batch` samples of `numel_per_sample` elements each. `uncond`, `cfg` (fp32,
 // cond's shape) and `p1` may be null. Two passes: the per-sample sums (only when rescale or
 // orthogonalization needs them), then the write.
+// The instruction set of the chunk loops in use: "avx2" or "baseline" (STG_EXT_CPU_ISA=baseline forces it).
+const char* active_isa();
+
 template <typename T>
 void combine_kernel(const T* cond, const T* uncond, const float* cfg, const T* p0, const T* p1, T* out,
                     int64_t batch, int64_t numel_per_sample, const CombineScalars& s);

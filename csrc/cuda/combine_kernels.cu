@@ -57,7 +57,7 @@ struct Inputs {
 
 struct Loaded {
   float c, u, g;
-  ElementTerms t;
+  ElementTerms<float> t;
 };
 
 template <typename T>

@@ -77,6 +77,6 @@ int main() {
       failures += run_case(2, n, s, seed++);
     }
   }
-  std::printf("%d failed\n", failures);
+  std::printf("chunk loops: %s\n%d failed\n", stg_ext::cpu::active_isa(), failures);
   return failures == 0 ? 0 : 1;
 }
