@@ -20,9 +20,13 @@ namespace cpu {
 
 namespace STG_EXT_ISA {
 
-constexpr int kLanes = 8;
-// 8 fp32 lanes: two SSE registers on baseline x86-64, one AVX register in the AVX2 build. Explicit vector
-// types because GCC does not vectorize these loops on its own (measured: scalar code, several times slower).
+#ifndef STG_EXT_LANES
+#define STG_EXT_LANES 8
+#endif
+// fp32 lanes per vector: 8 (two SSE registers on baseline x86-64, one AVX register in the AVX2 build) or 16
+// (AVX-512). Explicit vector types because GCC does not vectorize these loops on its own (measured: scalar
+// code, several times slower).
+constexpr int kLanes = STG_EXT_LANES;
 typedef float VecF __attribute__((vector_size(kLanes * sizeof(float))));
 // Elements converted to fp32 at a time (a multiple of kLanes): one tile of every input stays in L1.
 constexpr int64_t kTile = 512;
@@ -58,6 +62,62 @@ inline Half16 from_f32<Half16>(float x) {
   Half16 out;
   std::memcpy(&out.bits, &h, sizeof(h));
   return out;
+}
+
+// Lane-wise conversions of 16-bit floats, kLanes at a time (bit-exact with the scalar ones above).
+typedef uint16_t VecU16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+typedef uint32_t VecU32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+typedef int32_t VecI32 __attribute__((vector_size(kLanes * sizeof(int32_t))));
+typedef _Float16 VecH __attribute__((vector_size(kLanes * sizeof(_Float16))));
+
+template <typename V, typename T>
+inline V bits_of(const T& x) {
+  static_assert(sizeof(V) == sizeof(T), "bit cast between equal sizes");
+  V v;
+  std::memcpy(&v, &x, sizeof(v));
+  return v;
+}
+
+inline void widen(const BFloat16* src, float* dst) {
+  VecU16 h;
+  std::memcpy(&h, src, sizeof(h));
+  const VecU32 w = __builtin_convertvector(h, VecU32) << 16;
+  std::memcpy(dst, &w, sizeof(w));
+}
+inline void widen(const Half16* src, float* dst) {
+  VecH h;
+  std::memcpy(&h, src, sizeof(h));
+  const VecF f = __builtin_convertvector(h, VecF);
+  std::memcpy(dst, &f, sizeof(f));
+}
+inline void narrow(const float* src, BFloat16* dst) {
+  VecF f;
+  std::memcpy(&f, src, sizeof(f));
+  const VecU32 u = bits_of<VecU32>(f);
+  const VecU32 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const VecU32 is_nan = bits_of<VecU32>(VecI32(f != f));
+  const VecU16 out = __builtin_convertvector((is_nan & 0x7FC0u) | (~is_nan & rounded), VecU16);
+  std::memcpy(dst, &out, sizeof(out));
+}
+inline void narrow(const float* src, Half16* dst) {
+  VecF f;
+  std::memcpy(&f, src, sizeof(f));
+  const VecH h = __builtin_convertvector(f, VecH);
+  std::memcpy(dst, &h, sizeof(h));
+}
+
+// m elements from 16-bit storage to fp32 and back, vectorized except for the tail.
+template <typename T>
+inline void to_f32_tile(const T* src, float* dst, int64_t m) {
+  int64_t j = 0;
+  for (; j + kLanes <= m; j += kLanes) widen(src + j, dst + j);
+  for (; j < m; ++j) dst[j] = to_f32(src[j]);
+}
+template <typename T>
+inline void from_f32_tile(const float* src, T* dst, int64_t m) {
+  int64_t j = 0;
+  for (; j + kLanes <= m; j += kLanes) narrow(src + j, dst + j);
+  for (; j < m; ++j) dst[j] = from_f32<T>(src[j]);
 }
 
 inline VecF vload(const float* p) {
@@ -103,7 +163,7 @@ struct Tile {
     if constexpr (kInPlace) {
       return src + i0;
     } else {
-      for (int64_t j = 0; j < m; ++j) buf[j] = to_f32(src[i0 + j]);
+      to_f32_tile(src + i0, buf, m);
       return buf;
     }
   }
@@ -182,8 +242,7 @@ void write_chunk(const T* cond, const T* uncond, const float* cfg, const T* p0, 
     for (; j < m; ++j)
       result[j] = element_output<float>(tile.template terms<float>(j, s), tile.template uncond_at<float>(j),
                                         tile.template cfg_at<float>(j, s), alpha, factor, s);
-    if constexpr (!std::is_same_v<T, float>)
-      for (j = 0; j < m; ++j) out[i0 + j] = from_f32<T>(result[j]);
+    if constexpr (!std::is_same_v<T, float>) from_f32_tile(result, out + i0, m);
   }
 }
 

@@ -12,7 +12,8 @@ namespace cpu {
 // Buffers are contiguous, `batch` samples of `numel_per_sample` elements each. `uncond`, `cfg` (fp32,
 // cond's shape) and `p1` may be null. Two passes: the per-sample sums (only when rescale or
 // orthogonalization needs them), then the write.
-// The instruction set of the chunk loops in use: "avx2" or "baseline" (STG_EXT_CPU_ISA=baseline forces it).
+// The instruction set of the chunk loops in use: "avx512", "avx2" or "baseline" (the widest the CPU runs;
+// STG_EXT_CPU_ISA=avx2 or =baseline caps it).
 const char* active_isa();
 
 template <typename T>

@@ -39,7 +39,8 @@ struct ChunkTable {
 
 ChunkTable chunk_table_base();  // baseline x86-64 (or whatever the compiler targets by default)
 #if defined(__x86_64__)
-ChunkTable chunk_table_avx2();  // AVX2 + F16C
+ChunkTable chunk_table_avx2();    // AVX2 + F16C, 8 lanes
+ChunkTable chunk_table_avx512();  // AVX-512 F/BW/VL + F16C, 16 lanes
 #endif
 
 }  // namespace cpu
