@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from . import _ext
-from .reference import cfg_reference, combine_reference
+from .reference import cfg_reference, combine_reference, identity_joint_attention_reference
 
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -205,3 +205,32 @@ def available_backends(device: Union[str, torch.device] = "cpu") -> List[str]:
     if device.type == "cuda" and _ext.has_kernel("combine", "CUDA"):
         out.append("cuda")
     return out
+
+
+def identity_joint_attention(
+    q_video: torch.Tensor,
+    k_video: torch.Tensor,
+    v_video: torch.Tensor,
+    k_text: torch.Tensor,
+    v_text: torch.Tensor,
+    *,
+    text_bias: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """STG-A on joint attention: each video query attends to itself and the text keys only.
+
+    Video tensors (B, H, N, D), text tensors (B, H, T, D); ``text_bias`` an additive mask (-inf hides a text
+    key) broadcastable to (B, H, N, T). Cost O(N (T + 1) D) instead of attention's O((N + T)^2 D).
+    """
+    for name, t in (("k_video", k_video), ("v_video", v_video)):
+        if t.shape != q_video.shape:
+            raise ValueError(f"stg_ext.identity_joint_attention: {name} has shape {tuple(t.shape)}, q_video has "
+                             f"{tuple(q_video.shape)}; they must match")
+    if k_text.shape != v_text.shape or k_text.shape[:2] != q_video.shape[:2] or k_text.shape[-1] != q_video.shape[-1]:
+        raise ValueError(f"stg_ext.identity_joint_attention: k_text/v_text must be (B, H, T, D) matching q_video "
+                         f"{tuple(q_video.shape)}; got {tuple(k_text.shape)} and {tuple(v_text.shape)}")
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"stg_ext.identity_joint_attention: backend {backend!r} is not available; valid: auto, torch")
+    scale = q_video.shape[-1] ** -0.5 if scale is None else float(scale)
+    return identity_joint_attention_reference(q_video, k_video, v_video, k_text, v_text, text_bias, scale)

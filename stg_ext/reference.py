@@ -84,3 +84,28 @@ def cfg_reference(cond: torch.Tensor, uncond: Optional[torch.Tensor], cfg_scale:
     if uncond is None:
         return cond.clone()
     return uncond + cfg_scale * (cond - uncond)
+
+
+def identity_joint_attention_reference(
+    q_video: torch.Tensor,
+    k_video: torch.Tensor,
+    v_video: torch.Tensor,
+    k_text: torch.Tensor,
+    v_text: torch.Tensor,
+    text_bias: Optional[torch.Tensor],
+    scale: float,
+) -> torch.Tensor:
+    """STG-A for joint attention (STG_SPEC section 3): each video query attends to itself and the text keys.
+
+    Shapes (B, H, N, D) for video and (B, H, T, D) for text; ``text_bias`` is added to the text logits
+    (broadcastable to (B, H, N, T); -inf masks a text key out), or None. A softmax over ``1 + T`` logits per
+    video query, in fp32; the result has ``v_video``'s dtype.
+    """
+    qf, kvf, vvf = q_video.float(), k_video.float(), v_video.float()
+    self_logit = (qf * kvf).sum(-1, keepdim=True) * scale
+    text_logits = qf @ k_text.float().transpose(-1, -2) * scale
+    if text_bias is not None:
+        text_logits = text_logits + text_bias.float()
+    weights = torch.softmax(torch.cat([self_logit, text_logits], dim=-1), dim=-1)
+    out = weights[..., :1] * vvf + weights[..., 1:] @ v_text.float()
+    return out.to(v_video.dtype)

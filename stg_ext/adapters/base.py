@@ -1,0 +1,155 @@
+"""What the generic machinery needs to know about one model family (STG_SPEC section 3).
+
+An adapter answers, for its model classes: where the transformer blocks are (in execution order), which
+streams a block receives and returns (for STG-R), which self-attention module(s) STG-A makes the identity,
+and, for joint attention, how video and text tokens are laid out in the attention call. Nothing outside
+`stg_ext/adapters/` knows a model by name.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+MODES = ("attention", "residual")
+FACTORIZED_MODES = ("attention", "residual", "spatial", "temporal")
+
+
+@dataclass(frozen=True)
+class JointLayout:
+    """How a joint-attention processor lays out its sequence when it calls scaled_dot_product_attention.
+
+    video_first: the joint sequence is [video; text] (else [text; video]).
+    The number of video tokens is the `hidden_states` length the attention module receives; every other
+    position of the SDPA sequence is text (models that drop padded text before SDPA, like Mochi, are
+    covered by that, and models that mask padded text pass the mask to SDPA).
+    """
+
+    video_first: bool
+
+
+@dataclass
+class Layer:
+    """One addressable STG layer: index in execution order, and the block module(s) it consists of.
+
+    Most models: one transformer block. Factorized models: a (spatial, temporal) pair of blocks (Latte), or
+    one module holding both (SVD's TransformerSpatioTemporalModel).
+    """
+
+    index: int
+    paths: Tuple[str, ...]
+    modules: Tuple[nn.Module, ...]
+
+
+@dataclass
+class AttentionTarget:
+    """A self-attention module STG-A makes the identity, and how to do it."""
+
+    path: str
+    module: nn.Module
+    joint: Optional[JointLayout] = None
+    # Computes the identity-attention output straight from the module's call arguments (only V and the
+    # output projection), skipping Q, K and the attention kernel. None: use the exact SDPA interception.
+    value_only: Optional[Callable[..., Any]] = None
+
+
+class ModelAdapter:
+    """Base class: subclass per model family and register it with `stg_ext.adapters.register_adapter`.
+
+    Class attributes cover the common cases; override the methods for anything else.
+    """
+
+    #: Names of the model classes this adapter serves (names, so that optional diffusers classes need no import).
+    model_classes: Tuple[str, ...] = ()
+    #: Attribute paths of the block lists, in execution order.
+    block_lists: Tuple[str, ...] = ("transformer_blocks",)
+    #: Parameter names of the block's forward that the block returns, in its return order (STG-R returns
+    #: these inputs unchanged). One name: the block returns a tensor; several: a tuple.
+    block_returns: Tuple[str, ...] = ("hidden_states",)
+    #: Attribute path(s) of the self-attention module(s) inside a block.
+    self_attention: Tuple[str, ...] = ("attn1",)
+    #: Joint attention layout, or None for video-only self-attention.
+    joint: Optional[JointLayout] = None
+    #: Whether "spatial"/"temporal" modes exist (factorized models).
+    factorized: bool = False
+
+    # --- layers --------------------------------------------------------------------------------------
+
+    def layers(self, model: nn.Module) -> List[Layer]:
+        out = []
+        for list_path in self.block_lists:
+            blocks = model.get_submodule(list_path)
+            for i, block in enumerate(blocks):
+                out.append(Layer(len(out), (f"{list_path}.{i}",), (block,)))
+        return out
+
+    def modes(self) -> Tuple[str, ...]:
+        return FACTORIZED_MODES if self.factorized else MODES
+
+    # --- STG-R -------------------------------------------------------------------------------------
+
+    def skip_modules(self, layer: Layer) -> Sequence[Tuple[str, nn.Module]]:
+        """The modules whose forward STG-R replaces by 'return the inputs'."""
+        return list(zip(layer.paths, layer.modules))
+
+    def skip_output(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """What a skipped block returns: its inputs named by `block_returns`, in the block's order."""
+        bound = bind_arguments(module, args, kwargs)
+        values = tuple(bound[name] for name in self.block_returns)
+        return values[0] if len(values) == 1 else values
+
+    # --- STG-A -------------------------------------------------------------------------------------
+
+    def attention_targets(self, layer: Layer, mode: str) -> List[AttentionTarget]:
+        """The self-attention modules that `mode` makes the identity in `layer`."""
+        targets = []
+        for path, block in zip(layer.paths, layer.modules):
+            for name in self.self_attention:
+                module = block.get_submodule(name)
+                targets.append(AttentionTarget(f"{path}.{name}", module, self.joint, self.value_only_fn(module)))
+        return targets
+
+    def value_only_fn(self, attn: nn.Module) -> Optional[Callable[..., Any]]:
+        """A fast identity-attention forward for `attn` (video-only self-attention), or None.
+
+        Default: `to_out(to_v(hidden_states))` when the module has plain to_v / to_out projections and no
+        fused QKV; heads are irrelevant because the identity maps each head's value to itself.
+        """
+        if self.joint is not None or not _has_plain_value_path(attn):
+            return None
+        return plain_value_only
+
+
+def _has_plain_value_path(attn: nn.Module) -> bool:
+    return (
+        isinstance(getattr(attn, "to_v", None), nn.Module)
+        and getattr(attn, "to_out", None) is not None
+        and not getattr(attn, "fused_projections", False)
+        and getattr(attn, "to_qkv", None) is None
+    )
+
+
+def plain_value_only(attn: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Identity self-attention: every token's output is its own value vector, then the output projection."""
+    out = attn.to_v(hidden_states)
+    for layer in attn.to_out:
+        out = layer(out)
+    return out
+
+
+_SIGNATURES: Dict[type, inspect.Signature] = {}
+
+
+def bind_arguments(module: nn.Module, args: tuple, kwargs: dict) -> Dict[str, Any]:
+    """The module's forward arguments by parameter name, defaults applied (blocks are called positionally
+    by some models and with keywords by others)."""
+    cls = type(module)
+    sig = _SIGNATURES.get(cls)
+    if sig is None:
+        sig = _SIGNATURES[cls] = inspect.signature(cls.forward)
+    bound = sig.bind(module, *args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments

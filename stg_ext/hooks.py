@@ -1,0 +1,81 @@
+"""The weak model's hooks: removable, named diffusers ModelHooks on the perturbed blocks / attention modules.
+
+Each hook consults a shared `PerturbationState`: when inactive, the module runs its own forward untouched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Tuple
+
+from diffusers.hooks import HookRegistry, ModelHook
+from torch import nn
+
+from .adapters.base import AttentionTarget, ModelAdapter, bind_arguments
+from .identity_attention import IdentityAttentionMode
+
+SKIP_HOOK = "stg_ext.skip_block"
+IDENTITY_HOOK = "stg_ext.identity_attention"
+
+
+@dataclass
+class PerturbationState:
+    """Shared by the hooks of one installation: whether the perturbation is live, and whether STG-A may take
+    the value-only fast path (else the exact SDPA interception everywhere)."""
+
+    active: bool = True
+    value_only: bool = True
+
+
+class SkipBlockHook(ModelHook):
+    """STG-R: the block returns its inputs (every stream it carries, in its own return order)."""
+
+    def __init__(self, adapter: ModelAdapter, state: PerturbationState):
+        super().__init__()
+        self.adapter = adapter
+        self.state = state
+
+    def new_forward(self, module: nn.Module, *args, **kwargs) -> Any:
+        if not self.state.active:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        return self.adapter.skip_output(module, args, kwargs)
+
+
+class IdentityAttentionHook(ModelHook):
+    """STG-A: the module's self-attention map is the identity (value-only path, or SDPA interception)."""
+
+    def __init__(self, target: AttentionTarget, state: PerturbationState):
+        super().__init__()
+        self.target = target
+        self.state = state
+
+    def new_forward(self, module: nn.Module, *args, **kwargs) -> Any:
+        if not self.state.active:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        if self.state.value_only and self.target.value_only is not None:
+            return self.target.value_only(module, *args, **kwargs)
+        n_video = None
+        if self.target.joint is not None:
+            n_video = bind_arguments(module, args, kwargs)["hidden_states"].shape[1]
+        with IdentityAttentionMode(self.target.joint, n_video):
+            return self.fn_ref.original_forward(*args, **kwargs)
+
+
+def install(module: nn.Module, hook: ModelHook, name: str) -> Tuple[nn.Module, str]:
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    registry.register_hook(hook, name)
+    return module, name
+
+
+def uninstall(installed: List[Tuple[nn.Module, str]]) -> None:
+    """Removes hooks in reverse order of installation (diffusers' remove_hook mis-links a hook removed
+    before one registered after it on the same module), then drops what the registry left behind."""
+    for module, name in reversed(installed):
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is None:
+            continue
+        registry.remove_hook(name, recurse=False)
+        if not registry.hooks:
+            # The registry re-assigned `forward` as an instance attribute; with no hooks left it is the
+            # class's own forward again, so drop the attribute and the empty registry.
+            module.__dict__.pop("forward", None)
+            del module._diffusers_hook

@@ -1,0 +1,95 @@
+"""STG-A by interception: while a perturbed self-attention module runs, its scaled_dot_product_attention
+call returns the identity attention instead (STG_SPEC section 3).
+
+This is exact for every processor that routes attention through `F.scaled_dot_product_attention` (all
+diffusers video processors do, directly or through `dispatch_attention_fn`'s native backend), whatever it
+does before (projections, norms, rotary embeddings, concatenation) or after (splits, output projections,
+gates). Video-only self-attention gets V; joint attention gets, per video query, a softmax over itself and
+the text keys (`stg_ext.ops.identity_joint_attention`), and the text queries attend as usual.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .adapters.base import JointLayout
+
+
+def _sdpa_args(args, kwargs):
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+def _repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    # Grouped-query attention: each group of query heads shares one key/value head.
+    return x if x.shape[-3] == heads else x.repeat_interleave(heads // x.shape[-3], dim=-3)
+
+
+def _as_bias(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def joint_identity_sdpa(query, key, value, attn_mask, scale, n_video: int, layout: JointLayout) -> torch.Tensor:
+    """Identity attention on a joint [video; text] (or [text; video]) sequence, in SDPA's (B, H, S, D) layout."""
+    from .ops import identity_joint_attention
+
+    heads, seq = query.shape[-3], query.shape[-2]
+    key, value = _repeat_kv(key, heads), _repeat_kv(value, heads)
+    n_text = seq - n_video
+    if n_text < 0:
+        raise RuntimeError(f"stg_ext: joint attention saw {seq} tokens but the module received {n_video} video tokens")
+    video = slice(0, n_video) if layout.video_first else slice(n_text, seq)
+    text = slice(n_video, seq) if layout.video_first else slice(0, n_text)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+
+    # Text queries: exactly as in the unperturbed model (their mask rows, all keys).
+    text_rows_mask = attn_mask
+    if attn_mask is not None and attn_mask.shape[-2] != 1:
+        text_rows_mask = attn_mask[..., text, :]
+    out_text = F.scaled_dot_product_attention(query[..., text, :], key, value, attn_mask=text_rows_mask, scale=scale)
+
+    # Video queries: themselves and the text keys the mask lets them see.
+    text_bias = None
+    if attn_mask is not None:
+        rows = attn_mask[..., video, :] if attn_mask.shape[-2] != 1 else attn_mask
+        text_bias = _as_bias(rows[..., text], torch.float32)
+    out_video = identity_joint_attention(query[..., video, :], key[..., video, :], value[..., video, :],
+                                         key[..., text, :], value[..., text, :], text_bias=text_bias, scale=scale)
+    parts = (out_video, out_text) if layout.video_first else (out_text, out_video)
+    return torch.cat(parts, dim=-2)
+
+
+class IdentityAttentionMode(TorchFunctionMode):
+    """Inside, F.scaled_dot_product_attention computes STG-A's identity attention.
+
+    `joint` None: video-only self-attention, the output is V. Otherwise `n_video` is the number of video
+    tokens of the module's input and `joint` says where they sit in the SDPA sequence.
+    """
+
+    def __init__(self, joint: Optional[JointLayout] = None, n_video: Optional[int] = None):
+        super().__init__()
+        self.joint = joint
+        self.n_video = n_video
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        a = _sdpa_args(args, kwargs)
+        if a.get("is_causal"):
+            raise NotImplementedError("stg_ext: identity attention under is_causal=True is not defined")
+        q, k, v = a["query"], a["key"], a["value"]
+        if self.joint is None:
+            if q.shape[-2] != v.shape[-2]:
+                raise RuntimeError("stg_ext: STG-A target is a cross-attention (query and key lengths differ)")
+            return _repeat_kv(v, q.shape[-3])
+        return joint_identity_sdpa(q, k, v, a.get("attn_mask"), a.get("scale"), self.n_video, self.joint)

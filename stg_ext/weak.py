@@ -1,0 +1,134 @@
+"""The weak model (STG_SPEC section 3): turn a diffusers video denoiser into its perturbed self, removably.
+
+    with stg_ext.perturbed(transformer, layer=34, mode="residual"):
+        p = transformer(**inputs)            # the perturbed prediction
+    c = transformer(**inputs)                # untouched again
+
+`apply_stg(model, layer, mode)` installs the same perturbation until `.remove()` (or `remove_stg(model)`);
+its handle is also a context manager. Pipelines: see the pipeline-level `apply_stg` (issue 4).
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple, Union
+
+from torch import nn
+
+from .adapters import get_adapter
+from .adapters.base import Layer, ModelAdapter
+from .hooks import IDENTITY_HOOK, SKIP_HOOK, IdentityAttentionHook, PerturbationState, SkipBlockHook, install, uninstall
+
+LayerSpec = Union[int, str, Sequence[Union[int, str]]]
+
+_HANDLE_ATTR = "_stg_ext_weak_handle"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module hooks go on: torch.compile's OptimizedModule keeps the model as `_orig_mod`."""
+    return getattr(model, "_orig_mod", model)
+
+
+def resolve_layers(adapter: ModelAdapter, model: nn.Module, layer: LayerSpec) -> List[Layer]:
+    """STG_SPEC section 3 addressing: 0-based index in execution order, negative from the end, a block's
+    module path, or a sequence of those."""
+    layers = adapter.layers(model)
+    n = len(layers)
+    specs = list(layer) if isinstance(layer, (list, tuple)) else [layer]
+    if not specs:
+        raise ValueError("stg_ext: layer must name at least one layer")
+    out: List[Layer] = []
+    for spec in specs:
+        if isinstance(spec, bool) or not isinstance(spec, (int, str)):
+            raise TypeError(f"stg_ext: a layer is an int index or a module path string, got {type(spec).__name__}")
+        if isinstance(spec, int):
+            if not -n <= spec < n:
+                raise IndexError(f"stg_ext: layer {spec} is out of range for {type(model).__name__}, which has {n} "
+                                 f"layers: valid indices are 0..{n - 1} (or -{n}..-1)")
+            chosen = layers[spec]
+        else:
+            matches = [lay for lay in layers if spec in lay.paths]
+            if not matches:
+                examples = ", ".join(repr(lay.paths[0]) for lay in layers[:3])
+                raise ValueError(f"stg_ext: {spec!r} is not a layer of {type(model).__name__}; layers are "
+                                 f"addressed by index 0..{n - 1} or module path ({examples}, ...)")
+            chosen = matches[0]
+        if all(chosen.index != lay.index for lay in out):
+            out.append(chosen)
+    return out
+
+
+def _check_mode(adapter: ModelAdapter, model: nn.Module, mode: str) -> None:
+    if mode not in adapter.modes():
+        raise ValueError(f"stg_ext: mode {mode!r} is not available for {type(model).__name__}; valid modes: "
+                         f"{', '.join(repr(m) for m in adapter.modes())}")
+
+
+class STGHandle:
+    """An installed perturbation. `.remove()` restores the model exactly; usable as a context manager."""
+
+    def __init__(self, model: nn.Module, layers: List[Layer], mode: str, state: PerturbationState,
+                 installed: List[Tuple[nn.Module, str]]):
+        self.model = model
+        self.layers = layers
+        self.mode = mode
+        self.state = state
+        self._installed = installed
+
+    @property
+    def layer_indices(self) -> List[int]:
+        return [lay.index for lay in self.layers]
+
+    def remove(self) -> None:
+        uninstall(self._installed)
+        self._installed = []
+        if getattr(self.model, _HANDLE_ATTR, None) is self:
+            delattr(self.model, _HANDLE_ATTR)
+
+    def __enter__(self) -> "STGHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"STGHandle({type(self.model).__name__}, layers={self.layer_indices}, mode={self.mode!r})"
+
+
+def install_perturbation(model: nn.Module, layer: LayerSpec, mode: str, *, active: bool = True,
+                         value_only: bool = True) -> STGHandle:
+    """Installs the weak model's hooks (replacing any earlier stg_ext installation on `model`)."""
+    model = unwrap(model)
+    adapter = get_adapter(model)
+    _check_mode(adapter, model, mode)
+    layers = resolve_layers(adapter, model, layer)
+    remove_stg(model)
+    state = PerturbationState(active=active, value_only=value_only)
+    installed: List[Tuple[nn.Module, str]] = []
+    try:
+        for lay in layers:
+            if mode == "residual":
+                for _, module in adapter.skip_modules(lay):
+                    installed.append(install(module, SkipBlockHook(adapter, state), SKIP_HOOK))
+            else:
+                for target in adapter.attention_targets(lay, mode):
+                    installed.append(install(target.module, IdentityAttentionHook(target, state), IDENTITY_HOOK))
+    except Exception:
+        uninstall(installed)
+        raise
+    handle = STGHandle(model, layers, mode, state, installed)
+    setattr(model, _HANDLE_ATTR, handle)
+    return handle
+
+
+def perturbed(model: nn.Module, layer: LayerSpec, mode: str = "attention", *, value_only: bool = True) -> STGHandle:
+    """Context manager: inside, `model(...)` computes the perturbed prediction p; outside, the stock model.
+
+    value_only=False forces the exact SDPA-interception path of STG-A everywhere (the reference of the
+    value-only fast path)."""
+    return install_perturbation(model, layer, mode, value_only=value_only)
+
+
+def remove_stg(model: nn.Module) -> None:
+    """Removes whatever stg_ext installed on `model` (no-op when nothing is installed)."""
+    handle = getattr(unwrap(model), _HANDLE_ATTR, None)
+    if handle is not None:
+        handle.remove()
