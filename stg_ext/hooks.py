@@ -7,10 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, List, Tuple
 
+import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
-from .adapters.base import AttentionTarget, ModelAdapter, bind_arguments
+from .adapters.base import AttentionTarget, ModelAdapter
 from .identity_attention import IdentityAttentionMode
 
 SKIP_HOOK = "stg_ext.skip_block"
@@ -53,9 +54,15 @@ class IdentityAttentionHook(ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
         if self.state.value_only and self.target.value_only is not None:
             return self.target.value_only(module, *args, **kwargs)
+        return self._intercepted(module, args, kwargs)
+
+    # A TorchFunctionMode cannot be traced by torch.compile: this part runs eagerly (a clean graph break).
+    @torch.compiler.disable
+    def _intercepted(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         n_video = None
         if self.target.joint is not None:
-            n_video = bind_arguments(module, args, kwargs)["hidden_states"].shape[1]
+            # Every attention module's forward takes hidden_states first.
+            n_video = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).shape[1]
         with IdentityAttentionMode(self.target.joint, n_video):
             return self.fn_ref.original_forward(*args, **kwargs)
 

@@ -124,11 +124,17 @@ class ModelAdapter:
 
 
 def _has_plain_value_path(attn: nn.Module) -> bool:
+    """True when the processor's output is exactly to_out(attention(...)): separate projections and none of
+    the extras diffusers' Attention can wrap around it (norms before, residual or rescale after)."""
     return (
         isinstance(getattr(attn, "to_v", None), nn.Module)
         and getattr(attn, "to_out", None) is not None
         and not getattr(attn, "fused_projections", False)
         and getattr(attn, "to_qkv", None) is None
+        and getattr(attn, "spatial_norm", None) is None
+        and getattr(attn, "group_norm", None) is None
+        and not getattr(attn, "residual_connection", False)
+        and getattr(attn, "rescale_output_factor", 1.0) == 1.0
     )
 
 

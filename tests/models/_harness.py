@@ -106,20 +106,6 @@ def joint_identity(attn: nn.Module, video_first: bool) -> None:
 class WeakModelTests:
     case: ModelCase
 
-    @pytest.fixture(scope="class")
-    def model(self):
-        torch.manual_seed(0)
-        return self.case.build()
-
-    @pytest.fixture(scope="class")
-    def inputs(self):
-        torch.manual_seed(1)
-        return self.case.inputs()
-
-    @pytest.fixture(scope="class")
-    def cond(self, model, inputs):
-        return run(model, inputs)
-
     def _layers(self):
         n = self.case.n_layers
         return sorted({0, n // 2, n - 1})
