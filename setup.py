@@ -34,7 +34,8 @@ def _extensions():
                       "(install torch first and use `pip install --no-build-isolation`)")
         return [], {}
 
-    sources = ["csrc/ext_module.cpp", "csrc/combine_op.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ext_module.cpp", "csrc/combine_op.cpp", "csrc/identity_attention_op.cpp"]
+    sources += sorted(glob.glob("csrc/cpu/*.cpp"))
     # -ffp-contract=off: u + g (c - u) must round like PyTorch's eager ops (no fused multiply-add).
     # -Wno-psabi: the chunk loops' vector values never cross a call between instruction sets (all inlined),
     # so GCC's note about the AVX vector ABI does not apply.

@@ -41,6 +41,10 @@ TORCH_LIBRARY(stg_ext, m) {
   m.def(
       "combine(Tensor cond, Tensor[] perturbed, Tensor? uncond, Tensor? cfg_tensor, float cfg_scale, "
       "float[] stg_scales, float rescale, bool orthogonalize, bool fold) -> Tensor");
+  // STG-A on joint attention; CPU kernel in identity_attention_op.cpp, CUDA in cuda/identity_attention_cuda_op.cpp.
+  m.def(
+      "identity_joint_attention(Tensor q_video, Tensor k_video, Tensor v_video, Tensor k_text, Tensor v_text, "
+      "Tensor? text_bias, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(stg_ext, CPU, m) { m.impl("combine", &combine_cpu); }

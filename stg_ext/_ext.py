@@ -29,7 +29,7 @@ def available() -> bool:
     return unavailable_reason is None
 
 
-_OPS = ("combine",)
+_OPS = ("combine", "identity_joint_attention")
 _DISPATCH_KEYS = ("CPU", "CUDA")
 # Looked up once: a plain dict read is traceable by torch.compile, the dispatcher query is not.
 _KERNELS = {

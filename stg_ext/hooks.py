@@ -11,7 +11,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
-from .adapters.base import AttentionTarget, ModelAdapter
+from .adapters.base import AttentionTarget, ModelAdapter, prime_signature
 from .identity_attention import IdentityAttentionMode
 
 SKIP_HOOK = "stg_ext.skip_block"
@@ -34,6 +34,10 @@ class SkipBlockHook(ModelHook):
         super().__init__()
         self.adapter = adapter
         self.state = state
+
+    def initialize_hook(self, module: nn.Module) -> nn.Module:
+        prime_signature(module)
+        return module
 
     def new_forward(self, module: nn.Module, *args, **kwargs) -> Any:
         if not self.state.active:
@@ -63,8 +67,15 @@ class IdentityAttentionHook(ModelHook):
         if self.target.joint is not None:
             # Every attention module's forward takes hidden_states first.
             n_video = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).shape[1]
-        with IdentityAttentionMode(self.target.joint, n_video):
-            return self.fn_ref.original_forward(*args, **kwargs)
+        mode = IdentityAttentionMode(self.target.joint, n_video)
+        with mode:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+        if mode.intercepted == 0:
+            raise RuntimeError(
+                f"stg_ext: STG-A on {self.target.path} found no scaled_dot_product_attention call to make the "
+                f"identity ({type(getattr(module, 'processor', module)).__name__} does not use torch's SDPA, e.g. "
+                "a non-native attention backend); use the native backend or value_only=True")
+        return out
 
 
 def install(module: nn.Module, hook: ModelHook, name: str) -> Tuple[nn.Module, str]:

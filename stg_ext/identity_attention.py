@@ -79,11 +79,13 @@ class IdentityAttentionMode(TorchFunctionMode):
         super().__init__()
         self.joint = joint
         self.n_video = n_video
+        self.intercepted = 0  # SDPA calls turned into identity attention (0 means nothing was perturbed)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
+        self.intercepted += 1
         a = _sdpa_args(args, kwargs)
         if a.get("is_causal"):
             raise NotImplementedError("stg_ext: identity attention under is_causal=True is not defined")

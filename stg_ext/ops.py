@@ -10,6 +10,7 @@ Backends of every op:
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from numbers import Real
 from typing import List, Optional, Sequence, Tuple, Union
@@ -29,6 +30,10 @@ if _ext.available():
     @torch.library.register_fake("stg_ext::combine")
     def _combine_fake(cond, perturbed, uncond, cfg_tensor, cfg_scale, stg_scales, rescale, orthogonalize, fold):
         return torch.empty_like(cond, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("stg_ext::identity_joint_attention")
+    def _identity_joint_attention_fake(q_video, k_video, v_video, k_text, v_text, text_bias, scale):
+        return q_video.new_empty(q_video.shape, dtype=v_video.dtype)  # contiguous, like the kernels' output
 
 
 TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
@@ -207,6 +212,94 @@ def available_backends(device: Union[str, torch.device] = "cpu") -> List[str]:
     return out
 
 
+_ATTENTION = "stg_ext.identity_joint_attention"
+# Head dims the CUDA kernel takes (csrc/cuda/identity_attention_cuda.cuh); larger ones use Triton or torch.
+CUDA_ATTENTION_MAX_HEAD_DIM = 256
+
+
+def _resolve_attention_backend(backend: str, q: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"{_ATTENTION}: unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    fusable = q.dtype in FUSED_DTYPES
+    cuda_fits = q.shape[-1] <= CUDA_ATTENTION_MAX_HEAD_DIM
+    op = "identity_joint_attention"
+    if backend == "auto":
+        if not fusable:
+            return "torch"
+        if q.device.type == "cpu" and _ext.has_kernel(op, "CPU"):
+            return "cpu"
+        if q.device.type == "cuda" and cuda_fits and _ext.has_kernel(op, "CUDA"):
+            return "cuda"
+        if q.device.type == "cuda" and _triton_runs_on(q.device):
+            return "triton"
+        return "torch"
+    if backend != "torch" and not fusable:
+        raise ValueError(f"{_ATTENTION}: backend {backend!r} takes dtypes {', '.join(str(d) for d in FUSED_DTYPES)} "
+                         f"(got {q.dtype}); use backend='torch' or 'auto'")
+    if backend in ("cpu", "cuda"):
+        key = backend.upper()
+        if q.device.type != backend:
+            raise ValueError(f"{_ATTENTION}: backend {backend!r} needs {backend} tensors, got {q.device}")
+        if not _ext.has_kernel(op, key):
+            why = _ext.unavailable_reason or f"the extension was built without {key} kernels"
+            raise RuntimeError(f"{_ATTENTION}: backend {backend!r} is unavailable ({why})")
+    if backend == "cuda" and not cuda_fits:
+        raise ValueError(f"{_ATTENTION}: backend 'cuda' takes head dims up to {CUDA_ATTENTION_MAX_HEAD_DIM}, got "
+                         f"{q.shape[-1]}; use backend='triton', 'torch' or 'auto'")
+    if backend == "triton" and not _triton_runs_on(q.device):
+        raise RuntimeError(f"{_ATTENTION}: backend 'triton' needs triton and CUDA tensors "
+                           "(or CPU tensors with TRITON_INTERPRET=1 set before triton is imported)")
+    return backend
+
+
+def _check_attention_args(q_video, k_video, v_video, k_text, v_text, text_bias, scale) -> float:
+    """The wrapper's checks (the C++ and Triton ops repeat them); returns the softmax scale as a float."""
+    tensors = (("q_video", q_video), ("k_video", k_video), ("v_video", v_video), ("k_text", k_text),
+               ("v_text", v_text))
+    for name, t in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{_ATTENTION}: {name} must be a tensor, got {type(t).__name__}")
+    if q_video.dim() != 4:
+        raise ValueError(f"{_ATTENTION}: q_video must be (B, H, N, D), got shape {tuple(q_video.shape)}")
+    if not q_video.is_floating_point():
+        raise ValueError(f"{_ATTENTION}: q_video must be a floating-point tensor, got {q_video.dtype}")
+    for name, t in (("k_video", k_video), ("v_video", v_video)):
+        if t.shape != q_video.shape:
+            raise ValueError(f"{_ATTENTION}: {name} has shape {tuple(t.shape)}, q_video has "
+                             f"{tuple(q_video.shape)}; they must match")
+    B, H, N, D = q_video.shape
+    if (k_text.dim() != 4 or k_text.shape != v_text.shape
+            or (k_text.shape[0], k_text.shape[1], k_text.shape[3]) != (B, H, D)):
+        raise ValueError(f"{_ATTENTION}: k_text/v_text must be (B, H, T, D) matching q_video "
+                         f"{tuple(q_video.shape)}; got {tuple(k_text.shape)} and {tuple(v_text.shape)}")
+    for name, t in tensors[1:]:
+        if t.dtype != q_video.dtype:
+            raise ValueError(f"{_ATTENTION}: {name} has dtype {t.dtype}, q_video has {q_video.dtype}; they must match")
+        if t.device != q_video.device:
+            raise ValueError(f"{_ATTENTION}: {name} is on {t.device}, q_video on {q_video.device}; they must match")
+    if text_bias is not None:
+        if not isinstance(text_bias, torch.Tensor):
+            raise TypeError(f"{_ATTENTION}: text_bias must be a tensor or None, got {type(text_bias).__name__}")
+        if not text_bias.is_floating_point():
+            raise ValueError(f"{_ATTENTION}: text_bias must be an additive floating-point mask (-inf hides a key), "
+                             f"got {text_bias.dtype}")
+        target = (B, H, N, k_text.shape[2])
+        try:
+            ok = torch.broadcast_shapes(text_bias.shape, target) == target
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{_ATTENTION}: text_bias of shape {tuple(text_bias.shape)} does not broadcast to "
+                             f"(B, H, N, T) = {target}")
+        if text_bias.device != q_video.device:
+            raise ValueError(f"{_ATTENTION}: text_bias is on {text_bias.device}, q_video on {q_video.device}")
+    if scale is None:
+        return D ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale):
+        raise ValueError(f"{_ATTENTION}: scale must be a finite real number or None, got {scale!r}")
+    return float(scale)
+
+
 def identity_joint_attention(
     q_video: torch.Tensor,
     k_video: torch.Tensor,
@@ -220,17 +313,23 @@ def identity_joint_attention(
 ) -> torch.Tensor:
     """STG-A on joint attention: each video query attends to itself and the text keys only.
 
-    Video tensors (B, H, N, D), text tensors (B, H, T, D); ``text_bias`` an additive mask (-inf hides a text
-    key) broadcastable to (B, H, N, T). Cost O(N (T + 1) D) instead of attention's O((N + T)^2 D).
+    Video tensors (B, H, N, D), text tensors (B, H, T, D), all of one dtype and device; ``text_bias`` an
+    additive mask (-inf hides a text key) broadcastable to (B, H, N, T), or None; ``scale`` defaults to
+    D^-1/2. ``out[b, h, i] = softmax([q_i . k_i, q_i . K_text^T] * scale + [0, bias]) @ [v_i; V_text]``, in
+    fp32, returned in ``v_video``'s dtype. Cost O(N (T + 1) D) instead of attention's
+    O((N + T)^2 D). With T = 0, or every text key masked, the result is ``v_video``.
+
+    ``backend``: "torch" (the reference), "cpu" (C++ op), "cuda" (CUDA op, head dims up to 256), "triton",
+    or "auto" (the C++ op on CPU, CUDA then Triton on CUDA, else the reference).
     """
-    for name, t in (("k_video", k_video), ("v_video", v_video)):
-        if t.shape != q_video.shape:
-            raise ValueError(f"stg_ext.identity_joint_attention: {name} has shape {tuple(t.shape)}, q_video has "
-                             f"{tuple(q_video.shape)}; they must match")
-    if k_text.shape != v_text.shape or k_text.shape[:2] != q_video.shape[:2] or k_text.shape[-1] != q_video.shape[-1]:
-        raise ValueError(f"stg_ext.identity_joint_attention: k_text/v_text must be (B, H, T, D) matching q_video "
-                         f"{tuple(q_video.shape)}; got {tuple(k_text.shape)} and {tuple(v_text.shape)}")
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"stg_ext.identity_joint_attention: backend {backend!r} is not available; valid: auto, torch")
-    scale = q_video.shape[-1] ** -0.5 if scale is None else float(scale)
-    return identity_joint_attention_reference(q_video, k_video, v_video, k_text, v_text, text_bias, scale)
+    scale = _check_attention_args(q_video, k_video, v_video, k_text, v_text, text_bias, scale)
+    chosen = _resolve_attention_backend(backend, q_video)
+    if chosen == "torch":
+        return identity_joint_attention_reference(q_video, k_video, v_video, k_text, v_text, text_bias, scale)
+    bias = None if text_bias is None else text_bias.to(torch.float32)
+    args = (q_video, k_video, v_video, k_text, v_text, bias, scale)
+    if chosen == "triton":
+        from .kernels import identity_attention_triton
+
+        return identity_attention_triton.identity_joint_attention_triton(*args)
+    return torch.ops.stg_ext.identity_joint_attention(*args)

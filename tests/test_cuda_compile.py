@@ -1,6 +1,6 @@
 """Compile checks of the CUDA sources with plain nvcc (no torch headers, no GPU needed).
 
-The torch binding (csrc/cuda/combine_cuda_op.cpp) needs a CUDA build of torch and is not covered here;
+The torch bindings (csrc/cuda/*_cuda_op.cpp) need a CUDA build of torch and are not covered here;
 these tests keep the kernels and the shared math header nvcc-clean on machines without CUDA torch.
 """
 import os
@@ -52,3 +52,35 @@ def test_combine_math_header_compiles_for_host_and_device(tmp_path):
         "  return use(sd, s) + use(sf, s);\n"
         "}\n")
     _nvcc(str(source), tmp_path / "math_check.o", "sm_90")
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_identity_attention_kernels_compile(arch, tmp_path):
+    _nvcc(os.path.join(CSRC, "cuda", "identity_attention_kernels.cu"), tmp_path / "identity_attention_kernels.o",
+          arch)
+
+
+def test_identity_attention_math_header_compiles_for_host_and_device(tmp_path):
+    # Every function of the header from a kernel and from host code, next to combine_math.h (both define STG_HD).
+    source = tmp_path / "identity_math_check.cu"
+    source.write_text(
+        '#include "identity_attention_math.h"\n'
+        '#include "combine_math.h"\n'
+        "using namespace stg_ext;\n"
+        "__host__ __device__ float use(const float* logits, int n, float self_dot, float v) {\n"
+        "  SoftmaxState s = softmax_start(self_logit(self_dot, 0.125f));\n"
+        "  float acc = v, sum = 0.f;\n"
+        "  float mx = -INFINITY;\n"
+        "  for (int i = 0; i < n; ++i) mx = fmaxf(mx, text_logit(logits[i], 0.125f, 0.f));\n"
+        "  acc *= softmax_rescale(s, mx);\n"
+        "  for (int i = 0; i < n; ++i) {\n"
+        "    const float w = softmax_weight(text_logit(logits[i], 0.125f, 0.f), s);\n"
+        "    acc += w * v;\n"
+        "    sum += w;\n"
+        "  }\n"
+        "  softmax_add(s, sum);\n"
+        "  return acc * softmax_norm(s);\n"
+        "}\n"
+        "__global__ void kernel(const float* logits, float* out) { out[0] = use(logits, 4, 1.f, 2.f); }\n"
+        "float host(const float* logits) { return use(logits, 4, 1.f, 2.f); }\n")
+    _nvcc(str(source), tmp_path / "identity_math_check.o", "sm_90")

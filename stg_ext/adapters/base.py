@@ -149,6 +149,14 @@ def plain_value_only(attn: nn.Module, hidden_states: torch.Tensor, *args, **kwar
 _SIGNATURES: Dict[type, inspect.Signature] = {}
 
 
+def prime_signature(module: nn.Module) -> None:
+    """Reads the module's forward signature now, at install time: inspect cannot run inside torch.compile's
+    tracing without breaking the graph."""
+    cls = type(module)
+    if cls not in _SIGNATURES:
+        _SIGNATURES[cls] = inspect.signature(cls.forward)
+
+
 def bind_arguments(module: nn.Module, args: tuple, kwargs: dict) -> Dict[str, Any]:
     """The module's forward arguments by parameter name, defaults applied (blocks are called positionally
     by some models and with keywords by others)."""

@@ -138,8 +138,9 @@ class WeakModelTests:
             with stg_ext.perturbed(model, 0, mode):
                 pass
             assert torch.equal(run(model, inputs), cond)
-        assert model.state_dict().keys() == state.keys()
-        assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+        after = model.state_dict()
+        assert after.keys() == state.keys()
+        assert all(torch.equal(after[k], v) for k, v in state.items())
         assert not any(hasattr(m, "_diffusers_hook") for m in model.modules())
 
     def test_apply_twice_replaces(self, model, inputs):

@@ -1,0 +1,147 @@
+"""Triton backend of identity joint attention (STG-A on joint attention):
+`torch.ops.stg_ext.identity_joint_attention_triton`.
+
+Same arguments and result as the C++ op `torch.ops.stg_ext.identity_joint_attention`, and the same
+online-softmax math (csrc/identity_attention_math.h): a program takes BLOCK_N video queries of one (b, h),
+starts every query from its self key (running max = self logit, running sum 1, accumulator v_i), then
+streams the text keys in chunks of BLOCK_T: logits = Q K^T * scale + bias, the running max grows by
+alpha = exp(m - m_new) (exactly 1 when it does not), acc = acc * alpha + P V. Keys masked with -inf and the
+padding past T weigh exactly 0, so T = 0 or an all-masked row gives v_i exactly.
+
+All tensors are read through their strides (no copies; the bias is an expanded (B, H, N, T) view). The math
+is fp32: 16-bit inputs are upcast before tl.dot (the interpreter's bf16 dot is wrong), and the dots ask for
+IEEE fp32 precision (no TF32), to match the fp32 reference to 1e-5.
+
+Registered with torch.library.triton_op and launched through wrap_triton, so torch.compile traces it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# The interpreter pays a fixed cost per program instance, so it gets big query blocks and one key chunk up to
+# 256 keys; on a GPU 64 queries x 32 keys keeps registers in check (not tuned: no GPU here).
+BLOCK_N = 512 if _INTERPRET else 64
+MAX_BLOCK_T = 256 if _INTERPRET else 32
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_GRID_Y = 65535
+_OP = "stg_ext.identity_joint_attention_triton"
+
+
+@triton.jit
+def _identity_attention_kernel(
+        q_ptr, k_ptr, v_ptr, kt_ptr, vt_ptr, bias_ptr, out_ptr, H, N, T, D, scale,
+        sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+        skt_b, skt_h, skt_t, skt_d, svt_b, svt_h, svt_t, svt_d, sb_b, sb_h, sb_n, sb_t,
+        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (query blocks, B * H): out[b, h, block] for BLOCK_N queries."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)  # int64 before multiplying: tensors can exceed 2**31 elements
+    b = bh // H
+    h = bh % H
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N
+    mask_d = offs_d < D
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_n[:, None] * sq_n + offs_d[None, :] * sq_d, mask=mask_nd,
+                other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d, mask=mask_nd,
+                other=0.0).to(tl.float32)
+    # The self key: softmax_start (m = self logit, l = 1) and acc = v_i.
+    m_i = tl.sum(q * k, axis=1) * scale
+    l_i = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
+    acc = tl.load(v_ptr + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d, mask=mask_nd,
+                  other=0.0).to(tl.float32)
+
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < T
+        mask_td = mask_t[:, None] & mask_d[None, :]
+        kt = tl.load(kt_ptr + b * skt_b + h * skt_h + offs_t[:, None] * skt_t + offs_d[None, :] * skt_d,
+                     mask=mask_td, other=0.0).to(tl.float32)
+        # text_logit: (q . k_t) * scale + bias_t
+        s = tl.dot(q, tl.trans(kt), input_precision="ieee") * scale
+        if HAS_BIAS:
+            s += tl.load(bias_ptr + b * sb_b + h * sb_h + offs_n[:, None] * sb_n + offs_t[None, :] * sb_t,
+                         mask=mask_n[:, None] & mask_t[None, :], other=0.0)
+        s = tl.where(mask_t[None, :], s, float("-inf"))
+        # softmax_rescale: the self logit keeps m finite, so alpha is exactly 1 when the max does not grow
+        # and masked keys (-inf) get weight exactly 0.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vt = tl.load(vt_ptr + b * svt_b + h * svt_h + offs_t[:, None] * svt_t + offs_d[None, :] * svt_d,
+                     mask=mask_td, other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
+        m_i = m_new
+
+    out = acc / l_i[:, None]  # softmax_norm
+    tl.store(out_ptr + bh * N * D + offs_n[:, None] * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=mask_nd)
+
+
+def _check(q_video, k_video, v_video, k_text, v_text, text_bias) -> None:
+    # The checks of csrc/identity_attention_check.h, for direct calls of the op.
+    if q_video.dim() != 4:
+        raise ValueError(f"{_OP}: q_video must be (B, H, N, D), got shape {tuple(q_video.shape)}")
+    if q_video.dtype not in _DTYPES:
+        raise ValueError(f"{_OP}: dtype must be float32, float16 or bfloat16, got {q_video.dtype}")
+    for name, t in (("k_video", k_video), ("v_video", v_video), ("k_text", k_text), ("v_text", v_text)):
+        if t.dtype != q_video.dtype or t.device != q_video.device:
+            raise ValueError(f"{_OP}: {name} must have q_video's dtype and device ({q_video.dtype}, "
+                             f"{q_video.device}); got {t.dtype}, {t.device}")
+    if k_video.shape != q_video.shape or v_video.shape != q_video.shape:
+        raise ValueError(f"{_OP}: k_video {tuple(k_video.shape)} and v_video {tuple(v_video.shape)} must have "
+                         f"q_video's shape {tuple(q_video.shape)}")
+    B, H, _, D = q_video.shape
+    if k_text.dim() != 4 or k_text.shape != v_text.shape or (k_text.shape[0], k_text.shape[1], k_text.shape[3]) \
+            != (B, H, D):
+        raise ValueError(f"{_OP}: k_text/v_text must be (B, H, T, D) with q_video's B, H, D "
+                         f"{tuple(q_video.shape)}; got {tuple(k_text.shape)} and {tuple(v_text.shape)}")
+    if text_bias is not None and (text_bias.dtype != torch.float32 or text_bias.device != q_video.device):
+        raise ValueError(f"{_OP}: text_bias must be float32 on {q_video.device}, got {text_bias.dtype} on "
+                         f"{text_bias.device}")
+
+
+@triton_op("stg_ext::identity_joint_attention_triton", mutates_args=())
+def _identity_joint_attention_triton_op(q_video: torch.Tensor, k_video: torch.Tensor, v_video: torch.Tensor,
+                                        k_text: torch.Tensor, v_text: torch.Tensor,
+                                        text_bias: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    _check(q_video, k_video, v_video, k_text, v_text, text_bias)
+    B, H, N, D = q_video.shape
+    T = k_text.shape[2]
+    out = torch.empty((B, H, N, D), dtype=v_video.dtype, device=v_video.device)
+    if out.numel() == 0:
+        return out
+    if B * H > _MAX_GRID_Y:
+        raise ValueError(f"{_OP}: B * H = {B * H} exceeds the grid limit {_MAX_GRID_Y}")
+    if text_bias is not None:
+        bias = text_bias.expand(B, H, N, T)  # broadcast dims get stride 0
+        bias_strides = bias.stride()
+    else:
+        bias, bias_strides = q_video, (0, 0, 0, 0)  # a dummy pointer, never read
+    block_d = max(16, triton.next_power_of_2(D))
+    block_t = max(16, min(MAX_BLOCK_T, triton.next_power_of_2(max(T, 1))))
+    grid = (triton.cdiv(N, BLOCK_N), B * H)
+    wrap_triton(_identity_attention_kernel)[grid](
+        q_video, k_video, v_video, k_text, v_text, bias, out, H, N, T, D, float(scale),
+        *q_video.stride(), *k_video.stride(), *v_video.stride(), *k_text.stride(), *v_text.stride(), *bias_strides,
+        HAS_BIAS=text_bias is not None, BLOCK_N=BLOCK_N, BLOCK_T=block_t, BLOCK_D=block_d)
+    return out
+
+
+def identity_joint_attention_triton(q_video: torch.Tensor, k_video: torch.Tensor, v_video: torch.Tensor,
+                                    k_text: torch.Tensor, v_text: torch.Tensor, text_bias: Optional[torch.Tensor],
+                                    scale: float) -> torch.Tensor:
+    """Same arguments and result as torch.ops.stg_ext.identity_joint_attention."""
+    return torch.ops.stg_ext.identity_joint_attention_triton(q_video, k_video, v_video, k_text, v_text, text_bias,
+                                                             float(scale))
