@@ -34,7 +34,7 @@ class ModelCase:
     reference_residual: Callable[[nn.Module, int], None]
     reference_attention: Callable[[nn.Module, int], None]
     modes: Sequence[str] = ("residual", "attention")
-    low_precision: Sequence[torch.dtype] = (torch.bfloat16,)
+    low_precision: Sequence[torch.dtype] = (torch.bfloat16, torch.float16)
     layer_paths: Optional[Callable[[int], str]] = None  # module path of layer i (for path addressing)
     output: Callable[[object], torch.Tensor] = lambda out: out[0]
 
