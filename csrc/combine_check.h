@@ -49,4 +49,30 @@ inline CombineScalars check_combine_args(const at::Tensor& cond, at::TensorList 
   return s;
 }
 
+// One `combine` call as the kernels take it: checked scalars, contiguous inputs (undefined when absent),
+// the contiguous output, and the batch split. Shared by the CPU and CUDA registrations.
+struct CombineCall {
+  CombineScalars s;
+  at::Tensor cond, p0, p1, uncond, cfg, out;
+  int64_t batch = 0;
+  int64_t per_sample = 0;
+};
+
+inline CombineCall prepare_combine(const at::Tensor& cond, at::TensorList perturbed,
+                                   const c10::optional<at::Tensor>& uncond, const c10::optional<at::Tensor>& cfg_tensor,
+                                   double cfg_scale, at::ArrayRef<double> stg_scales, double rescale,
+                                   bool orthogonalize, bool fold) {
+  CombineCall call;
+  call.s = check_combine_args(cond, perturbed, uncond, cfg_tensor, cfg_scale, stg_scales, rescale, orthogonalize, fold);
+  call.cond = cond.contiguous();
+  call.p0 = perturbed[0].contiguous();
+  if (call.s.two_perturbed) call.p1 = perturbed[1].contiguous();
+  if (call.s.has_uncond) call.uncond = uncond->contiguous();
+  if (cfg_tensor.has_value()) call.cfg = cfg_tensor->contiguous();
+  call.out = at::empty_like(call.cond, at::MemoryFormat::Contiguous);
+  call.batch = call.cond.dim() == 0 ? 1 : call.cond.size(0);
+  call.per_sample = call.batch == 0 ? 0 : call.cond.numel() / call.batch;
+  return call;
+}
+
 }  // namespace stg_ext

@@ -12,27 +12,19 @@ namespace {
 at::Tensor combine_cpu(const at::Tensor& cond, at::TensorList perturbed, const c10::optional<at::Tensor>& uncond,
                        const c10::optional<at::Tensor>& cfg_tensor, double cfg_scale,
                        at::ArrayRef<double> stg_scales, double rescale, bool orthogonalize, bool fold) {
-  const CombineScalars s =
-      check_combine_args(cond, perturbed, uncond, cfg_tensor, cfg_scale, stg_scales, rescale, orthogonalize, fold);
-  const at::Tensor c = cond.contiguous();
-  const at::Tensor p0 = perturbed[0].contiguous();
-  const at::Tensor p1 = s.two_perturbed ? perturbed[1].contiguous() : at::Tensor();
-  const at::Tensor u = s.has_uncond ? uncond->contiguous() : at::Tensor();
-  const at::Tensor g = cfg_tensor.has_value() ? cfg_tensor->contiguous() : at::Tensor();
-  at::Tensor out = at::empty_like(c, at::MemoryFormat::Contiguous);
-  const int64_t batch = c.dim() == 0 ? 1 : c.size(0);
-  const int64_t per_sample = batch == 0 ? 0 : c.numel() / batch;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "stg_ext_combine_cpu", [&] {
+  const CombineCall k =
+      prepare_combine(cond, perturbed, uncond, cfg_tensor, cfg_scale, stg_scales, rescale, orthogonalize, fold);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.cond.scalar_type(), "stg_ext_combine_cpu", [&] {
     if constexpr (std::is_same_v<scalar_t, double>) {
       TORCH_CHECK(false, "stg_ext.combine: float64 has no C++ kernel; use backend='torch'");
     } else {
-      cpu::combine_kernel<scalar_t>(c.const_data_ptr<scalar_t>(), u.defined() ? u.const_data_ptr<scalar_t>() : nullptr,
-                                    g.defined() ? g.const_data_ptr<float>() : nullptr, p0.const_data_ptr<scalar_t>(),
-                                    p1.defined() ? p1.const_data_ptr<scalar_t>() : nullptr,
-                                    out.mutable_data_ptr<scalar_t>(), batch, per_sample, s);
+      auto in = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
+      cpu::combine_kernel<scalar_t>(in(k.cond), in(k.uncond), k.cfg.defined() ? k.cfg.const_data_ptr<float>() : nullptr,
+                                    in(k.p0), in(k.p1), k.out.mutable_data_ptr<scalar_t>(), k.batch, k.per_sample,
+                                    k.s);
     }
   });
-  return out;
+  return k.out;
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 // this file. The per-element formulas are combine_math.h's, so the CPU tests cover the same arithmetic;
 // build with --fmad=false so u + g (c - u) rounds like PyTorch's eager ops.
 #include "combine_cuda.cuh"
+#include "cuda_types.cuh"
 
 #include <algorithm>
 
@@ -32,19 +33,6 @@ int64_t blocks_per_sample(int64_t n, int64_t elems_per_block, int64_t max_blocks
 }
 
 unsigned grid_for(int64_t items) { return static_cast<unsigned>(std::min(items, kMaxGrid)); }
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 template <typename T>
 struct Inputs {

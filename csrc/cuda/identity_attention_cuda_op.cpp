@@ -2,7 +2,8 @@
 // ../identity_attention_op.cpp. This file only checks arguments, allocates `out` with torch, passes every
 // tensor's strides (nothing is made contiguous; the bias is an expanded view) and maps torch's dtypes onto
 // the CUDA types of identity_attention_kernels.cu.
-// Built only where torch has CUDA (see setup.py); it has not been compiled on the CPU-only dev machine.
+// Built only where torch has CUDA (see setup.py). On the CPU-only dev machine it is syntax-checked only
+// (tests/test_cuda_compile.py): never built, linked or run.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -13,23 +14,10 @@
 
 #include "../identity_attention_check.h"
 #include "identity_attention_cuda.cuh"
+#include "torch_cuda_types.h"
 
 namespace stg_ext {
 namespace {
-
-// c10::Half / c10::BFloat16 have the same 16-bit layout as __half / __nv_bfloat16.
-template <typename T>
-struct CudaType {
-  using type = T;
-};
-template <>
-struct CudaType<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
 
 void strides_of(const at::Tensor& t, int64_t (&s)[4]) {
   for (int i = 0; i < 4; ++i) s[i] = t.stride(i);

@@ -9,6 +9,7 @@
 // CUDA cores only, fp32 throughout (no tensor cores: T is small, and the result must match the fp32
 // reference to 1e-5). No torch headers: plain nvcc builds this file.
 #include "identity_attention_cuda.cuh"
+#include "cuda_types.cuh"
 
 #include <algorithm>
 
@@ -23,19 +24,6 @@ constexpr int kRows = kWarps * kRowsPerWarp;  // video queries per block
 constexpr int kKeyTile = 32;                  // text keys per shared-memory tile: one per lane
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int64_t kMaxGridY = 65535;
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // Butterfly reductions: every lane ends with the result (the softmax state stays identical across lanes).
 __device__ __forceinline__ float warp_sum(float v) {
