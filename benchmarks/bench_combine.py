@@ -9,18 +9,17 @@ memory-bound floor: one torch.add pass over the same number of bytes as one read
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
-import statistics
 import sys
-import time
 from typing import Callable, Dict, List
 
 import torch
 
 import stg_ext
 from stg_ext.reference import combine_reference
+
+from _timing import median_seconds, write_csv
 
 LATENT_SHAPES = {
     "mochi": (1, 12, 28, 60, 106),
@@ -29,17 +28,6 @@ LATENT_SHAPES = {
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CFG_SCALE, STG_SCALE, RESCALE = 4.5, 1.0, 0.7
-
-
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def make_latents(shape, dtype, seed=0):
@@ -78,7 +66,7 @@ def run(repeats: int) -> List[dict]:
     for model, shape in LATENT_SHAPES.items():
         for dname, dtype in DTYPES.items():
             c, p, u = make_latents(shape, dtype)
-            times = {name: median_seconds(fn, repeats) for name, fn in candidates(c, p, u).items()}
+            times = {name: median_seconds(fn, repeats, warmup=2) for name, fn in candidates(c, p, u).items()}
             row = {"model": model, "shape": "x".join(map(str, shape)), "dtype": dname,
                    "threads": torch.get_num_threads()}
             row.update({f"{k}_ms": round(v * 1e3, 3) for k, v in times.items()})
@@ -100,13 +88,7 @@ def format_row(row: dict) -> str:
 
 
 def write_outputs(rows: List[dict], out_dir: str) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "combine.csv")
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {path}")
+    write_csv(rows, out_dir, "combine.csv")
     try:
         import matplotlib
 

@@ -17,11 +17,7 @@ max_diff is the largest |stg_ext_cpu - sdpa_full_masked| over the video rows (a 
 from __future__ import annotations
 
 import argparse
-import csv
-import os
-import statistics
 import sys
-import time
 from typing import Callable, Dict, List
 
 import torch
@@ -32,20 +28,11 @@ from stg_ext.adapters.base import JointLayout
 from stg_ext.identity_attention import joint_identity_sdpa
 from stg_ext.reference import identity_joint_attention_reference
 
+from _timing import median_seconds, write_csv
+
 # Mochi-1: 24 heads of 128, 256 text tokens (padded; ~128 real in typical prompts); N video tokens.
 HEADS, HEAD_DIM, TEXT = 24, 128, 128
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def make_joint(n: int, t: int, dtype: torch.dtype, heads: int = HEADS, d: int = HEAD_DIM, seed: int = 0):
@@ -109,17 +96,6 @@ def run(n: int, t: int, repeats: int, sdpa_repeats: int, dtypes: List[str]) -> L
     return rows
 
 
-def write_csv(rows: List[dict], out_dir: str) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "identity_attention.csv")
-    fields = list(dict.fromkeys(key for row in rows for key in row))
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {path}")
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench_out", help="folder for identity_attention.csv")
@@ -135,7 +111,7 @@ def main(argv=None) -> int:
           f"{stg_ext.available_backends('cpu')}; B=1 H={HEADS} N={args.n} T={args.t} D={HEAD_DIM}")
     print(" | ".join(f"{c:>{max(len(c), 6)}}" for c in COLUMNS))
     rows = run(args.n, args.t, repeats, sdpa_repeats, args.dtypes.split(","))
-    write_csv(rows, args.out)
+    write_csv(rows, args.out, "identity_attention.csv")
     return 0
 
 
