@@ -5,9 +5,6 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib.util  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import textwrap  # noqa: E402
 import warnings  # noqa: E402
 
 import pytest  # noqa: E402
@@ -15,6 +12,8 @@ import torch  # noqa: E402
 
 import stg_ext  # noqa: E402
 from stg_ext.reference import combine_reference  # noqa: E402
+
+from ._triton_trace import trace_without_interpreter  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
@@ -172,41 +171,14 @@ def test_torch_compile_under_interpreter():
     _assert_matches(out, _combine_compiled(c, p, q, u, backend="torch"), c)
 
 
-# Runs in a fresh interpreter without TRITON_INTERPRET, so @triton.jit yields real JITFunctions and wrap_triton
-# emits triton_kernel_wrapper HOPs. Nothing is launched (no GPU): a capturing backend only records the graph.
-_TRACE_SCRIPT = textwrap.dedent("""
-    import os
-    os.environ.pop("TRITON_INTERPRET", None)
-    import torch, stg_ext
-    from stg_ext import ops
-    from torch._dynamo.backends.common import aot_autograd
-    ops._triton_runs_on = lambda device: True  # pretend the CPU tensors are on a GPU
-    graphs = []
-    class NotRun(Exception):
-        pass
-    def capture(gm, example_inputs):
-        graphs.append(gm)
-        def do_not_run(*args):  # running gm would launch the kernels on a GPU
-            raise NotRun
-        return do_not_run
-    def fn(c, p, q, u, g):
-        return stg_ext.combine(c, (p, q), u, cfg_scale=g, stg_scale=(1.0, 0.5), rescale=0.7,
-                               orthogonalize=True, backend="triton")
-    x = [torch.randn(2, 4, 3, 5, 6) for _ in range(4)]
-    g = torch.linspace(1.0, 4.5, 3).view(1, 1, 3, 1, 1)
-    try:  # fullgraph=True: any graph break raises
-        torch.compile(fn, fullgraph=True, backend=aot_autograd(fw_compiler=capture))(*x, g)
-    except NotRun:
-        pass
-    code = graphs[0].code
-    print("KERNELS", code.count("triton_kernel_wrapper_functional("), "CUSTOM_OP", "stg_ext.combine_triton" in code)
-""")
-
-
 def test_torch_compile_traces_kernels_without_interpreter():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _TRACE_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    kernels, custom_op = trace_without_interpreter(
+        """
+        def fn(c, p, q, u, g):
+            return stg_ext.combine(c, (p, q), u, cfg_scale=g, stg_scale=(1.0, 0.5), rescale=0.7,
+                                   orthogonalize=True, backend="triton")
+        """,
+        "[torch.randn(2, 4, 3, 5, 6) for _ in range(4)] + [torch.linspace(1.0, 4.5, 3).view(1, 1, 3, 1, 1)]",
+        "stg_ext.combine_triton")
     # Decomposed into its two kernels (reduction, write), not kept as an opaque custom op.
-    assert "KERNELS 2 CUSTOM_OP False" in run.stdout, run.stdout + run.stderr[-3000:]
+    assert (kernels, custom_op) == (2, False)

@@ -16,6 +16,8 @@ import torch  # noqa: E402
 
 import stg_ext  # noqa: E402
 from stg_ext import identity_joint_attention  # noqa: E402
+
+from ._triton_trace import trace_without_interpreter  # noqa: E402
 from stg_ext import ops  # noqa: E402
 from stg_ext.reference import identity_joint_attention_reference  # noqa: E402
 
@@ -304,46 +306,18 @@ def test_runs_under_torch_compile_without_graph_breaks():
     torch._dynamo.reset()
 
 
-# Runs in a fresh interpreter without TRITON_INTERPRET, so @triton.jit yields real JITFunctions and wrap_triton
-# emits triton_kernel_wrapper HOPs. Nothing is launched (no GPU): a capturing backend only records the graph.
-_TRACE_SCRIPT = textwrap.dedent("""
-    import os
-    os.environ.pop("TRITON_INTERPRET", None)
-    import torch, stg_ext
-    from stg_ext import ops
-    from torch._dynamo.backends.common import aot_autograd
-    ops._triton_runs_on = lambda device: True  # pretend the CPU tensors are on a GPU
-    graphs = []
-    class NotRun(Exception):
-        pass
-    def capture(gm, example_inputs):
-        graphs.append(gm)
-        def do_not_run(*args):
-            raise NotRun
-        return do_not_run
-    def fn(q, k, v, kt, vt, tb):
-        return stg_ext.identity_joint_attention(q, k, v, kt, vt, text_bias=tb, backend="triton")
-    q, k, v = (torch.randn(1, 2, 40, 32) for _ in range(3))
-    kt, vt = (torch.randn(1, 2, 7, 32) for _ in range(2))
-    try:
-        torch.compile(fn, fullgraph=True, backend=aot_autograd(fw_compiler=capture))(q, k, v, kt, vt,
-                                                                                    torch.zeros(1, 1, 1, 7))
-    except NotRun:
-        pass
-    code = graphs[0].code
-    print("KERNELS", code.count("triton_kernel_wrapper_functional("), "CUSTOM_OP",
-          "stg_ext.identity_joint_attention_triton" in code)
-""")
-
-
 @pytest.mark.skipif(not TRITON, reason="needs triton")
 def test_torch_compile_traces_triton_kernel_without_interpreter():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _TRACE_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    kernels, custom_op = trace_without_interpreter(
+        """
+        def fn(q, k, v, kt, vt, tb):
+            return stg_ext.identity_joint_attention(q, k, v, kt, vt, text_bias=tb, backend="triton")
+        """,
+        "[torch.randn(1, 2, 40, 32) for _ in range(3)] + [torch.randn(1, 2, 7, 32) for _ in range(2)]"
+        " + [torch.zeros(1, 1, 1, 7)]",
+        "stg_ext.identity_joint_attention_triton")
     # Decomposed into its kernel, not kept as an opaque custom op.
-    assert "KERNELS 1 CUSTOM_OP False" in run.stdout, run.stdout + run.stderr[-3000:]
+    assert (kernels, custom_op) == (1, False)
 
 
 def test_joint_identity_sdpa_uses_the_op():

@@ -129,24 +129,6 @@ class TestSVD(WeakModelTests):
         with torch.no_grad():
             assert not torch.equal(module(x, **kwargs, return_dict=False)[0], x)
 
-    def test_remove_restores_bit_for_bit(self, model, inputs, cond):
-        # The harness's version, with one change: it calls model.state_dict() once per key (quadratic: ~13 s for
-        # this UNet's 1424 tensors); here it is built once. Same checks otherwise.
-        pristine = copy.deepcopy(model)
-        state = {k: v.clone() for k, v in model.state_dict().items()}
-        for mode in self.case.modes:
-            handle = stg_ext.apply_stg(model, -1, mode)
-            assert not torch.equal(run(model, inputs), cond)
-            handle.remove()
-            assert torch.equal(run(model, inputs), run(pristine, inputs))
-            with stg_ext.perturbed(model, 0, mode):
-                pass
-            assert torch.equal(run(model, inputs), cond)
-        after = model.state_dict()
-        assert after.keys() == state.keys()
-        assert all(torch.equal(after[k], v) for k, v in state.items())
-        assert not any(hasattr(m, "_diffusers_hook") for m in model.modules())
-
     def test_compiled_model(self):
         # The harness's test, on a smaller UNet. Two reasons, both outside stg_ext:
         # - torch 2.13's aot_eager fails on the 16-layer tiny UNet even without any hook ("Expected
