@@ -105,35 +105,48 @@ def _check_cfg(cfg_scale, cond: torch.Tensor, fold: bool):
     return g
 
 
-def _resolve_backend(backend: str, cond: torch.Tensor, n_perturbed: int) -> str:
+def _resolve_op_backend(op: str, label: str, backend: str, x: torch.Tensor, unfusable: Optional[str] = None,
+                        cuda_unfit: Optional[str] = None) -> str:
+    """The backend that runs `op` on tensors like `x` (see the module docstring for "auto").
+
+    unfusable: None, or why no fused backend takes these arguments ("takes dtypes ... (got ...)");
+    cuda_unfit: None, or why the CUDA kernel does not (others may still)."""
     if backend not in BACKENDS:
-        raise ValueError(f"stg_ext.combine: unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
-    fusable = cond.dtype in FUSED_DTYPES and n_perturbed <= MAX_FUSED_PERTURBED
+        raise ValueError(f"{label}: unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    device = x.device.type
     if backend == "auto":
-        if not fusable:
+        if unfusable is not None:
             return "torch"
-        if cond.device.type == "cpu" and _ext.has_kernel("combine", "CPU"):
+        if device == "cpu" and _ext.has_kernel(op, "CPU"):
             return "cpu"
-        if cond.device.type == "cuda" and _ext.has_kernel("combine", "CUDA"):
+        if device == "cuda" and cuda_unfit is None and _ext.has_kernel(op, "CUDA"):
             return "cuda"
-        if cond.device.type == "cuda" and _triton_runs_on(cond.device):
+        if device == "cuda" and _triton_runs_on(x.device):
             return "triton"
         return "torch"
-    if backend != "torch" and not fusable:
-        raise ValueError(f"stg_ext.combine: backend {backend!r} takes dtypes "
-                         f"{', '.join(str(d) for d in FUSED_DTYPES)} and at most {MAX_FUSED_PERTURBED} perturbed "
-                         f"tensors (got {cond.dtype}, {n_perturbed}); use backend='torch' or 'auto'")
+    if backend != "torch" and unfusable is not None:
+        raise ValueError(f"{label}: backend {backend!r} {unfusable}; use backend='torch' or 'auto'")
     if backend in ("cpu", "cuda"):
         key = backend.upper()
-        if cond.device.type != backend:
-            raise ValueError(f"stg_ext.combine: backend {backend!r} needs {backend} tensors, got {cond.device}")
-        if not _ext.has_kernel("combine", key):
+        if device != backend:
+            raise ValueError(f"{label}: backend {backend!r} needs {backend} tensors, got {x.device}")
+        if not _ext.has_kernel(op, key):
             why = _ext.unavailable_reason or f"the extension was built without {key} kernels"
-            raise RuntimeError(f"stg_ext.combine: backend {backend!r} is unavailable ({why})")
-    if backend == "triton" and not _triton_runs_on(cond.device):
-        raise RuntimeError("stg_ext.combine: backend 'triton' needs triton and CUDA tensors "
+            raise RuntimeError(f"{label}: backend {backend!r} is unavailable ({why})")
+    if backend == "cuda" and cuda_unfit is not None:
+        raise ValueError(f"{label}: backend 'cuda' {cuda_unfit}; use backend='triton', 'torch' or 'auto'")
+    if backend == "triton" and not _triton_runs_on(x.device):
+        raise RuntimeError(f"{label}: backend 'triton' needs triton and CUDA tensors "
                            "(or CPU tensors with TRITON_INTERPRET=1 set before triton is imported)")
     return backend
+
+
+def _resolve_backend(backend: str, cond: torch.Tensor, n_perturbed: int) -> str:
+    unfusable = None
+    if cond.dtype not in FUSED_DTYPES or n_perturbed > MAX_FUSED_PERTURBED:
+        unfusable = (f"takes dtypes {', '.join(str(d) for d in FUSED_DTYPES)} and at most {MAX_FUSED_PERTURBED} "
+                     f"perturbed tensors (got {cond.dtype}, {n_perturbed})")
+    return _resolve_op_backend("combine", "stg_ext.combine", backend, cond, unfusable)
 
 
 def combine(
@@ -218,38 +231,12 @@ CUDA_ATTENTION_MAX_HEAD_DIM = 256
 
 
 def _resolve_attention_backend(backend: str, q: torch.Tensor) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"{_ATTENTION}: unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
-    fusable = q.dtype in FUSED_DTYPES
-    cuda_fits = q.shape[-1] <= CUDA_ATTENTION_MAX_HEAD_DIM
-    op = "identity_joint_attention"
-    if backend == "auto":
-        if not fusable:
-            return "torch"
-        if q.device.type == "cpu" and _ext.has_kernel(op, "CPU"):
-            return "cpu"
-        if q.device.type == "cuda" and cuda_fits and _ext.has_kernel(op, "CUDA"):
-            return "cuda"
-        if q.device.type == "cuda" and _triton_runs_on(q.device):
-            return "triton"
-        return "torch"
-    if backend != "torch" and not fusable:
-        raise ValueError(f"{_ATTENTION}: backend {backend!r} takes dtypes {', '.join(str(d) for d in FUSED_DTYPES)} "
-                         f"(got {q.dtype}); use backend='torch' or 'auto'")
-    if backend in ("cpu", "cuda"):
-        key = backend.upper()
-        if q.device.type != backend:
-            raise ValueError(f"{_ATTENTION}: backend {backend!r} needs {backend} tensors, got {q.device}")
-        if not _ext.has_kernel(op, key):
-            why = _ext.unavailable_reason or f"the extension was built without {key} kernels"
-            raise RuntimeError(f"{_ATTENTION}: backend {backend!r} is unavailable ({why})")
-    if backend == "cuda" and not cuda_fits:
-        raise ValueError(f"{_ATTENTION}: backend 'cuda' takes head dims up to {CUDA_ATTENTION_MAX_HEAD_DIM}, got "
-                         f"{q.shape[-1]}; use backend='triton', 'torch' or 'auto'")
-    if backend == "triton" and not _triton_runs_on(q.device):
-        raise RuntimeError(f"{_ATTENTION}: backend 'triton' needs triton and CUDA tensors "
-                           "(or CPU tensors with TRITON_INTERPRET=1 set before triton is imported)")
-    return backend
+    unfusable = cuda_unfit = None
+    if q.dtype not in FUSED_DTYPES:
+        unfusable = f"takes dtypes {', '.join(str(d) for d in FUSED_DTYPES)} (got {q.dtype})"
+    if q.shape[-1] > CUDA_ATTENTION_MAX_HEAD_DIM:
+        cuda_unfit = f"takes head dims up to {CUDA_ATTENTION_MAX_HEAD_DIM}, got {q.shape[-1]}"
+    return _resolve_op_backend("identity_joint_attention", _ATTENTION, backend, q, unfusable, cuda_unfit)
 
 
 def _check_attention_args(q_video, k_video, v_video, k_text, v_text, text_bias, scale) -> float:
