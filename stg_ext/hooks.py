@@ -11,7 +11,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
-from .adapters.base import AttentionTarget, ModelAdapter, prime_signature
+from .adapters.base import AttentionTarget, ModelAdapter, read_signature
 from .identity_attention import IdentityAttentionMode
 
 SKIP_HOOK = "stg_ext.skip_block"
@@ -36,7 +36,7 @@ class SkipBlockHook(ModelHook):
         self.state = state
 
     def initialize_hook(self, module: nn.Module) -> nn.Module:
-        prime_signature(module)
+        read_signature(module)  # now, not while torch.compile traces the skipped call
         return module
 
     def new_forward(self, module: nn.Module, *args, **kwargs) -> Any:

@@ -6,28 +6,13 @@ diffusers `Attention` with `AllegroAttnProcessor2_0` over video tokens only: no 
 (`attention_mask`) act on Q/K and the scores only, so the identity map is `to_out(to_v(x))`. `attn2` is the
 text cross-attention and stays untouched.
 """
-from typing import Any, Callable, Optional
-
-from torch import nn
-
 from . import register_adapter
 from .base import ModelAdapter
 
 
-def _plain_attention(attn: nn.Module) -> bool:
-    # AllegroAttnProcessor2_0 also honours these Attention options; Allegro builds attn1 with their defaults.
-    # Anything else: use the exact SDPA interception instead of re-implementing the processor.
-    return (
-        getattr(attn, "spatial_norm", None) is None
-        and getattr(attn, "group_norm", None) is None
-        and not getattr(attn, "residual_connection", False)
-        and getattr(attn, "rescale_output_factor", 1.0) == 1.0
-    )
-
-
 @register_adapter
 class AllegroAdapter(ModelAdapter):
+    # AllegroAttnProcessor2_0 also honours Attention's spatial_norm / group_norm / residual_connection /
+    # rescale_output_factor; the base class's value-only guard falls back to the exact interception when any
+    # of them is set (Allegro builds attn1 with their defaults).
     model_classes = ("AllegroTransformer3DModel",)
-
-    def value_only_fn(self, attn: nn.Module) -> Optional[Callable[..., Any]]:
-        return super().value_only_fn(attn) if _plain_attention(attn) else None

@@ -8,7 +8,7 @@ and, for joint attention, how video and text tokens are laid out in the attentio
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -97,8 +97,7 @@ class ModelAdapter:
 
     def skip_output(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         """What a skipped block returns: its inputs named by `block_returns`, in the block's order."""
-        bound = bind_arguments(module, args, kwargs)
-        values = tuple(bound[name] for name in self.block_returns)
+        values = tuple(argument(module, args, kwargs, name) for name in self.block_returns)
         return values[0] if len(values) == 1 else values
 
     # --- STG-A -------------------------------------------------------------------------------------
@@ -118,12 +117,12 @@ class ModelAdapter:
         Default: `to_out(to_v(hidden_states))` when the module has plain to_v / to_out projections and no
         fused QKV; heads are irrelevant because the identity maps each head's value to itself.
         """
-        if self.joint is not None or not _has_plain_value_path(attn):
+        if self.joint is not None or not has_plain_value_path(attn):
             return None
         return plain_value_only
 
 
-def _has_plain_value_path(attn: nn.Module) -> bool:
+def has_plain_value_path(attn: nn.Module) -> bool:
     """True when the processor's output is exactly to_out(attention(...)): separate projections and none of
     the extras diffusers' Attention can wrap around it (norms before, residual or rescale after)."""
     return (
@@ -146,24 +145,34 @@ def plain_value_only(attn: nn.Module, hidden_states: torch.Tensor, *args, **kwar
     return out
 
 
-_SIGNATURES: Dict[type, inspect.Signature] = {}
+# --- a module's call arguments by name, traceable by torch.compile ------------------------------------------
+# Blocks are called positionally by some models and with keywords by others. inspect cannot run inside
+# torch.compile's tracing (a graph break inside a model's block loop makes dynamo give up on the whole forward),
+# so a module class's parameters are read once, when a hook is installed, and calls only index tuples.
+
+_PARAMS: Dict[type, Tuple[Tuple[str, ...], Dict[str, Any]]] = {}
 
 
-def prime_signature(module: nn.Module) -> None:
-    """Reads the module's forward signature now, at install time: inspect cannot run inside torch.compile's
-    tracing without breaking the graph."""
+def read_signature(module: nn.Module) -> None:
+    """Records the forward's positional-or-keyword parameter names and every parameter's default (call it at
+    install time)."""
     cls = type(module)
-    if cls not in _SIGNATURES:
-        _SIGNATURES[cls] = inspect.signature(cls.forward)
+    if cls in _PARAMS:
+        return
+    names, defaults = [], {}
+    for param in list(inspect.signature(cls.forward).parameters.values())[1:]:
+        if param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            names.append(param.name)
+        if param.default is not inspect.Parameter.empty:
+            defaults[param.name] = param.default
+    _PARAMS[cls] = (tuple(names), defaults)
 
 
-def bind_arguments(module: nn.Module, args: tuple, kwargs: dict) -> Dict[str, Any]:
-    """The module's forward arguments by parameter name, defaults applied (blocks are called positionally
-    by some models and with keywords by others)."""
-    cls = type(module)
-    sig = _SIGNATURES.get(cls)
-    if sig is None:
-        sig = _SIGNATURES[cls] = inspect.signature(cls.forward)
-    bound = sig.bind(module, *args, **kwargs)
-    bound.apply_defaults()
-    return bound.arguments
+def argument(module: nn.Module, args: tuple, kwargs: dict, name: str) -> Any:
+    """The value of forward parameter `name` in a call `module(*args, **kwargs)` (its default if not passed)."""
+    read_signature(module)  # a no-op once installed hooks have read it
+    names, defaults = _PARAMS[type(module)]
+    i = names.index(name) if name in names else len(args)
+    if i < len(args):
+        return args[i]
+    return kwargs[name] if name in kwargs else defaults[name]

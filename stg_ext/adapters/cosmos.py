@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import register_adapter
-from .base import ModelAdapter, _has_plain_value_path
+from .base import ModelAdapter, has_plain_value_path
 
 
 def cosmos_value_only(attn: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -40,6 +40,6 @@ class CosmosAdapter(ModelAdapter):
     model_classes = ("CosmosTransformer3DModel",)
 
     def value_only_fn(self, attn: nn.Module) -> Optional[Callable[..., Any]]:
-        if not _has_plain_value_path(attn) or not isinstance(getattr(attn, "to_q", None), nn.Linear):
+        if not has_plain_value_path(attn) or not isinstance(getattr(attn, "to_q", None), nn.Linear):
             return None
         return cosmos_value_only

@@ -19,13 +19,12 @@ blocks do not run, so "temporal" perturbs nothing and "residual"/"attention" act
 """
 from __future__ import annotations
 
-import inspect
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional
 
 from torch import nn
 
 from . import register_adapter
-from .base import AttentionTarget, Layer, ModelAdapter, bind_arguments, plain_value_only
+from .base import AttentionTarget, Layer, ModelAdapter, has_plain_value_path, plain_value_only
 
 SPATIAL_BLOCKS = "transformer_blocks"
 TEMPORAL_BLOCKS = "temporal_transformer_blocks"
@@ -35,42 +34,6 @@ def check_self_attention(attn: nn.Module, path: str) -> None:
     if getattr(attn, "is_cross_attention", False):
         raise ValueError(f"stg_ext: {path} is a cross-attention (only_cross_attention block); STG-A needs a "
                          "self-attention there")
-
-
-# --- STG-R argument lookup that torch.compile can trace ------------------------------------------------------
-# `base.bind_arguments` calls inspect.signature the first time it sees a class; dynamo cannot trace that for
-# BasicTransformerBlock ("Unsupported hasattr call"), and that graph break inside Latte's block loop makes
-# torch.compile give up on the whole model forward, permanently. So the parameter names are read eagerly when
-# the hooks are installed, and the hook only indexes tuples.
-
-_PARAMS: Dict[type, Tuple[Tuple[str, ...], Dict[str, Any]]] = {}
-
-
-def read_signature(module: nn.Module) -> None:
-    """Records the forward's leading positional-or-keyword parameters and their defaults (call at install time)."""
-    cls = type(module)
-    if cls in _PARAMS:
-        return
-    names, defaults = [], {}
-    for param in list(inspect.signature(cls.forward).parameters.values())[1:]:
-        if param.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD:
-            break
-        names.append(param.name)
-        if param.default is not inspect.Parameter.empty:
-            defaults[param.name] = param.default
-    _PARAMS[cls] = (tuple(names), defaults)
-
-
-def argument(module: nn.Module, args: tuple, kwargs: dict, name: str) -> Any:
-    """The value of forward parameter `name` in a call `module(*args, **kwargs)` (its default if not passed)."""
-    known = _PARAMS.get(type(module))
-    if known is None or name not in known[0]:
-        return bind_arguments(module, args, kwargs)[name]
-    names, defaults = known
-    i = names.index(name)
-    if i < len(args):
-        return args[i]
-    return kwargs[name] if name in kwargs else defaults[name]
 
 
 #: diffusers processors that compute plain softmax attention between their projections and `to_out`, with
@@ -90,15 +53,8 @@ def basic_value_only_fn(attn: nn.Module) -> Optional[Callable[..., Any]]:
     """
     if (
         type(getattr(attn, "processor", None)).__name__ not in PLAIN_PROCESSORS
-        or getattr(attn, "residual_connection", False)
-        or getattr(attn, "rescale_output_factor", 1.0) != 1.0
-        or getattr(attn, "spatial_norm", None) is not None
-        or getattr(attn, "group_norm", None) is not None
         or getattr(attn, "is_cross_attention", False)
-        or getattr(attn, "fused_projections", False)
-        or getattr(attn, "to_qkv", None) is not None
-        or not isinstance(getattr(attn, "to_v", None), nn.Module)
-        or getattr(attn, "to_out", None) is None
+        or not has_plain_value_path(attn)
     ):
         return None
     return _plain_value_only_any_rank
@@ -130,14 +86,7 @@ class LatteAdapter(ModelAdapter):
             for i, (s, t) in enumerate(zip(spatial, temporal))
         ]
 
-    def skip_modules(self, layer: Layer) -> Sequence[Tuple[str, nn.Module]]:
-        # STG-R skips both blocks of the pair; each returns its `hidden_states` input.
-        for module in layer.modules:
-            read_signature(module)
-        return list(zip(layer.paths, layer.modules))
-
-    def skip_output(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
-        return argument(module, args, kwargs, "hidden_states")
+    # STG-R: the base class skips both blocks of the pair (skip_modules), each returning its hidden_states.
 
     def attention_targets(self, layer: Layer, mode: str) -> List[AttentionTarget]:
         halves = {"attention": (0, 1), "spatial": (0,), "temporal": (1,)}[mode]

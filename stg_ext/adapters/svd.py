@@ -26,13 +26,13 @@ The `attn2` cross-attentions are never touched.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional
 
 from torch import nn
 
 from . import register_adapter
-from .base import AttentionTarget, Layer, ModelAdapter
-from .latte import argument, basic_value_only_fn, check_self_attention, read_signature
+from .base import AttentionTarget, Layer, ModelAdapter, argument
+from .latte import basic_value_only_fn, check_self_attention
 
 #: The UNet's block containers in execution order (a ModuleList of blocks, or a single block).
 UNET_STAGES = ("down_blocks", "mid_block", "up_blocks")
@@ -64,10 +64,6 @@ class SVDAdapter(ModelAdapter):
                     if _is_layer(attn):
                         out.append(Layer(len(out), (f"{block_path}.attentions.{j}",), (attn,)))
         return out
-
-    def skip_modules(self, layer: Layer) -> Sequence[Tuple[str, nn.Module]]:
-        read_signature(layer.modules[0])  # eagerly, see latte.read_signature
-        return list(zip(layer.paths, layer.modules))
 
     def skip_output(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         hidden_states = argument(module, args, kwargs, "hidden_states")
