@@ -44,19 +44,21 @@ def combine_reference(
     orthogonalize: bool,
     fold: bool,
 ) -> torch.Tensor:
-    """STG guidance combination (STG_SPEC section 2), computed in fp32, returned in ``cond``'s dtype.
+    """STG guidance combination (STG_SPEC section 2), computed in fp32 (fp64 for fp64 inputs), returned in
+    ``cond``'s dtype.
 
     ``perturbed`` and ``stg_scales`` have equal length (1 for plain STG, 2 for factorized guidance:
     spatial first, then temporal). Inputs are assumed validated (see ``stg_ext.ops.combine``).
     """
-    c = cond.float()
-    u = uncond.float() if uncond is not None else None
-    g = cfg_scale.float() if isinstance(cfg_scale, torch.Tensor) else float(cfg_scale)
+    compute = torch.promote_types(cond.dtype, torch.float32)
+    c = cond.to(compute)
+    u = uncond.to(compute) if uncond is not None else None
+    g = cfg_scale.to(compute) if isinstance(cfg_scale, torch.Tensor) else float(cfg_scale)
 
     # CFG part, or the conditional prediction alone (Algorithm 1).
     f = u + g * (c - u) if u is not None else c.clone()
 
-    diffs = [c - p.float() for p in perturbed]
+    diffs = [c - p.to(compute) for p in perturbed]
     if orthogonalize:
         d_s, d_t = diffs
         dot_ts = _per_sample_dot(d_t, d_s)

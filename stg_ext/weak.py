@@ -105,18 +105,36 @@ def install_perturbation(model: nn.Module, layer: LayerSpec, mode: str, *, activ
     installed: List[Tuple[nn.Module, str]] = []
     try:
         for lay in layers:
-            if mode == "residual":
-                for _, module in adapter.skip_modules(lay):
-                    installed.append(install(module, SkipBlockHook(adapter, state), SKIP_HOOK))
-            else:
-                for target in adapter.attention_targets(lay, mode):
-                    installed.append(install(target.module, IdentityAttentionHook(target, state), IDENTITY_HOOK))
+            installed += install_layer_hooks(adapter, lay, mode, state)
     except Exception:
         uninstall(installed)
         raise
     handle = STGHandle(model, layers, mode, state, installed)
     setattr(model, _HANDLE_ATTR, handle)
     return handle
+
+
+def install_layer_hooks(adapter: ModelAdapter, lay: Layer, mode: str, state: PerturbationState,
+                        tag: str = "") -> List[Tuple[nn.Module, str]]:
+    """The hooks that make `lay` perturbed by `mode` while `state.active`; `tag` keeps the hook names of
+    several installations on one module apart (a guidance session installs one per (mode, layer))."""
+    installed: List[Tuple[nn.Module, str]] = []
+    try:
+        if mode == "residual":
+            for _, module in adapter.skip_modules(lay):
+                installed.append(install(module, SkipBlockHook(adapter, state), SKIP_HOOK + tag))
+        else:
+            for target in adapter.attention_targets(lay, mode):
+                installed.append(install(target.module, IdentityAttentionHook(target, state), IDENTITY_HOOK + tag))
+    except Exception:
+        uninstall(installed)
+        raise
+    return installed
+
+
+def check_mode(model: nn.Module, mode: str) -> None:
+    model = unwrap(model)
+    _check_mode(get_adapter(model), model, mode)
 
 
 def perturbed(model: nn.Module, layer: LayerSpec, mode: str = "attention", *, value_only: bool = True) -> STGHandle:

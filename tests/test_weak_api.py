@@ -29,7 +29,7 @@ def test_unsupported_model_lists_supported_classes():
 
 
 def test_apply_stg_on_a_non_module_says_what_to_do():
-    with pytest.raises(TypeError, match="not a denoiser module"):
+    with pytest.raises(TypeError, match="neither a diffusers pipeline nor a denoiser module"):
         stg_ext.apply_stg(object(), 0, "residual")
 
 

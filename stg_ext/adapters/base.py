@@ -75,6 +75,10 @@ class ModelAdapter:
     joint: Optional[JointLayout] = None
     #: Whether "spatial"/"temporal" modes exist (factorized models).
     factorized: bool = False
+    #: Forward parameters that hold per-call data, not per-sample data (rotary tables, kwargs dicts): a
+    #: guidance driver that splits a batched [uncond, cond] call keeps them whole.
+    shared_inputs: Tuple[str, ...] = ("image_rotary_emb", "rotary_emb", "attention_kwargs",
+                                      "joint_attention_kwargs", "cross_attention_kwargs", "rope_interpolation_scale")
 
     # --- layers --------------------------------------------------------------------------------------
 

@@ -1,0 +1,162 @@
+"""What the user asks of guided sampling (STG_SPEC sections 2 and 4), checked once and resolved per step.
+
+    STGConfig(layer=34, mode="residual", scale=1.0, rescale=0.7, start=0.0, stop=0.8)
+
+- `mode` is one mode or a tuple of modes: each mode is one perturbed pass with its own scale (factorized
+  guidance, Algorithm 2: `mode=("spatial", "temporal"), scale=(w1, w2)`).
+- `layer`, `scale` and `rescale` may also be per-step sequences of length N (LTX-Video's configs do that);
+  for a tuple of modes, a per-step scale is a sequence of tuples.
+- The window: STG is active at step i of N when `start*N <= i < stop*N`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from numbers import Real
+from typing import Any, Optional, Sequence, Tuple, Union
+
+LayerSpec = Union[int, str, Sequence[Union[int, str]]]
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What one active step runs: the layer spec, one scale per mode, the rescale factor."""
+
+    layer: LayerSpec
+    scales: Tuple[float, ...]
+    rescale: float
+
+    @property
+    def is_noop(self) -> bool:
+        # STG_SPEC section 2: all scales 0 and rescale 0 is the stock pipeline, with no perturbed pass at all.
+        return self.rescale == 0.0 and all(s == 0.0 for s in self.scales)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, Real) and not isinstance(x, bool)
+
+
+def _is_layer_item(x: Any) -> bool:
+    return isinstance(x, str) or (isinstance(x, int) and not isinstance(x, bool))
+
+
+@dataclass
+class STGConfig:
+    layer: Any
+    mode: Union[str, Tuple[str, ...]] = "attention"
+    scale: Any = 1.0
+    rescale: Any = 0.0
+    start: float = 0.0
+    stop: float = 1.0
+    orthogonalize: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mode, str):
+            self.modes: Tuple[str, ...] = (self.mode,)
+        elif isinstance(self.mode, (tuple, list)) and self.mode and all(isinstance(m, str) for m in self.mode):
+            self.modes = tuple(self.mode)
+        else:
+            raise TypeError(f"stg_ext: mode must be a mode name or a tuple of mode names, got {self.mode!r}")
+        if len(set(self.modes)) != len(self.modes):
+            raise ValueError(f"stg_ext: mode {self.mode!r} repeats a mode")
+        for name in ("start", "stop"):
+            value = getattr(self, name)
+            if not _is_real(value) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"stg_ext: {name} must be a fraction of the steps in [0, 1], got {value!r}")
+        if self.start > self.stop:
+            raise ValueError(f"stg_ext: start ({self.start}) must not be after stop ({self.stop})")
+        if self.orthogonalize and len(self.modes) != 2:
+            raise ValueError("stg_ext: orthogonalize=True needs two modes, e.g. mode=('spatial', 'temporal')")
+        self._per_step_scale = self._check_scale(self.scale)
+        self._per_step_rescale = self._check_rescale(self.rescale)
+        self._per_step_layer = self._check_layer(self.layer)
+
+    # --- validation ----------------------------------------------------------------------------------
+
+    def _scale_item(self, value: Any, where: str) -> Tuple[float, ...]:
+        n = len(self.modes)
+        if n == 1 and _is_real(value):
+            return (float(value),)
+        if isinstance(value, (tuple, list)) and len(value) == n and all(_is_real(v) for v in value):
+            return tuple(float(v) for v in value)
+        need = "a float" if n == 1 else f"a tuple of {n} floats (one per mode {self.modes})"
+        raise ValueError(f"stg_ext: scale{where} must be {need}, got {value!r}")
+
+    def _check_scale(self, scale: Any) -> bool:
+        try:
+            self._scale_item(scale, "")
+            return False
+        except ValueError:
+            if not isinstance(scale, (tuple, list)) or not scale:
+                raise
+        for i, item in enumerate(scale):
+            self._scale_item(item, f"[{i}] (a per-step sequence)")
+        return True
+
+    def _check_rescale(self, rescale: Any) -> bool:
+        values = list(rescale) if isinstance(rescale, (tuple, list)) else [rescale]
+        if not values:
+            raise ValueError("stg_ext: rescale must be a float in [0, 1] or a non-empty per-step sequence")
+        for r in values:
+            if not _is_real(r) or not 0.0 <= r <= 1.0:
+                raise ValueError(f"stg_ext: rescale must be in [0, 1] (or a per-step sequence of such), got {r!r}")
+        return isinstance(rescale, (tuple, list))
+
+    def _check_layer(self, layer: Any) -> bool:
+        """A layer spec is an index, a path, or a sequence of those (several layers at once); a per-step
+        layer schedule is a sequence whose items are themselves specs, given as `STGConfig.per_step(...)`."""
+        if isinstance(layer, PerStep):
+            for item in layer.values:
+                self._check_layer(item)
+            return True
+        if _is_layer_item(layer):
+            return False
+        if isinstance(layer, (tuple, list)) and layer and all(_is_layer_item(x) for x in layer):
+            return False
+        raise TypeError(f"stg_ext: layer must be an index, a module path, a sequence of those, or "
+                        f"stg_ext.per_step([...]) for one spec per step; got {layer!r}")
+
+    # --- per step ------------------------------------------------------------------------------------
+
+    def check_steps(self, n_steps: int) -> None:
+        """Per-step sequences must have one entry per step of the sampling run."""
+        for name, per_step in (("scale", self._per_step_scale), ("rescale", self._per_step_rescale),
+                               ("layer", self._per_step_layer)):
+            if per_step:
+                value = getattr(self, name)
+                length = len(value.values if isinstance(value, PerStep) else value)
+                if length != n_steps:
+                    raise ValueError(f"stg_ext: the per-step {name} sequence has {length} entries but the pipeline "
+                                     f"runs {n_steps} steps; give one entry per step")
+
+    def active(self, i: int, n_steps: int) -> bool:
+        return self.start * n_steps <= i < self.stop * n_steps
+
+    def at(self, i: int, n_steps: int) -> Optional[StepSettings]:
+        """The settings of step i of n_steps, or None outside the window."""
+        if not self.active(i, n_steps):
+            return None
+        scale = self.scale[i] if self._per_step_scale else self.scale
+        rescale = self.rescale[i] if self._per_step_rescale else self.rescale
+        layer = self.layer.values[i] if self._per_step_layer else self.layer
+        return StepSettings(layer, self._scale_item(scale, ""), float(rescale))
+
+    def all_layers(self) -> Sequence[LayerSpec]:
+        """Every layer spec the schedule may use."""
+        return list(self.layer.values) if self._per_step_layer else [self.layer]
+
+
+@dataclass(frozen=True)
+class PerStep:
+    """Marks a per-step layer schedule: `layer=stg_ext.per_step([34, 34, 30, ...])` (a plain list of indices
+    already means several layers perturbed together)."""
+
+    values: Tuple[Any, ...]
+
+    def __init__(self, values: Sequence[Any]):
+        if not isinstance(values, (tuple, list)) or not values:
+            raise TypeError("stg_ext.per_step takes a non-empty sequence with one layer spec per step")
+        object.__setattr__(self, "values", tuple(values))
+
+
+def per_step(values: Sequence[Any]) -> PerStep:
+    return PerStep(values)

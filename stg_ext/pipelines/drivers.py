@@ -1,0 +1,190 @@
+"""Guidance drivers: one per way a pipeline calls its denoiser, not one per pipeline (DESIGN_NOTES).
+
+A driver receives each denoiser call (from `GuidanceHook`), runs the stock call, runs the perturbed branch
+when the step asks for it, and returns what the pipeline's own CFG line turns into STG_SPEC section 2's `f`:
+
+- batched `[uncond, cond]` in one call: returns `[u, c']` with `c' = u + (f - u)/g` (`combine(fold=True)`),
+  or `f` itself when CFG is off (the batch is `[cond]`);
+- separate calls, cond first: the cond call returns `c' = c + (s/g)(c - p)`, which makes `u + g(c' - u) = f`
+  whatever `u` is; with STG's rescale, `f` depends on `std(f)`, hence on `u`, so the uncond call returns
+  `u' = (F - g c')/(1 - g)` for the rescaled `F`; CFG off: the cond call returns `f`.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..adapters.base import ModelAdapter, read_signature, _PARAMS
+from ..branch import PerturbedBranch
+from ..config import StepSettings
+from ..ops import combine
+
+Forward = Callable[..., Any]
+
+
+# --- the denoiser's output ----------------------------------------------------------------------------------
+
+def prediction(out: Any) -> torch.Tensor:
+    """The prediction tensor of a denoiser's return value: `(sample, ...)` or an output dataclass."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out[next(iter(out.keys()))]
+
+
+def with_prediction(out: Any, new: torch.Tensor) -> Any:
+    """`out` with its prediction replaced by `new`, in the same structure."""
+    if isinstance(out, torch.Tensor):
+        return new
+    if isinstance(out, (tuple, list)):
+        return type(out)((new, *out[1:]))
+    fields = dict(out.items())
+    fields[next(iter(fields))] = new
+    return type(out)(**fields)
+
+
+# --- the cond half of a batched call ------------------------------------------------------------------------
+
+def _take(value: Any, batch: int, half: slice) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value[half] if value.dim() > 0 and value.shape[0] == batch else value
+    if isinstance(value, dict):
+        return {k: _take(v, batch, half) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_take(v, batch, half) for v in value)
+    return value
+
+
+def cond_half(model: torch.nn.Module, adapter: ModelAdapter, args: tuple, kwargs: dict, batch: int
+              ) -> Tuple[tuple, dict]:
+    """The call arguments of the cond samples (the second half) of a batched `[uncond, cond]` call: every
+    per-sample tensor whose batch dimension is `batch` is sliced; the adapter's `shared_inputs` are not."""
+    read_signature(model)
+    names = _PARAMS[type(model)][0]
+    half = slice(batch // 2, batch)
+    shared = set(adapter.shared_inputs)
+    new_args = tuple(a if i < len(names) and names[i] in shared else _take(a, batch, half)
+                     for i, a in enumerate(args))
+    new_kwargs = {k: v if k in shared else _take(v, batch, half) for k, v in kwargs.items()}
+    return new_args, new_kwargs
+
+
+# --- the combination ----------------------------------------------------------------------------------------
+
+@dataclass
+class Call:
+    """One denoiser call as a driver sees it."""
+
+    forward: Forward            # the stock forward (below the guidance hook)
+    args: tuple
+    kwargs: dict
+    branch: PerturbedBranch
+    settings: Optional[StepSettings]  # None: STG inactive at this step
+    modes: Tuple[str, ...]
+    orthogonalize: bool
+    cfg_scale: Any               # None: CFG off
+    role: str = "cond"           # separate calls: "cond" or "uncond"
+    isolate: Callable[[str], ContextManager] = lambda mode: nullcontext()  # wraps each perturbed pass
+
+
+def _scale_arg(scales: Sequence[float]) -> Any:
+    return scales[0] if len(scales) == 1 else tuple(scales)
+
+
+def perturbed_predictions(call: Call, args: tuple, kwargs: dict) -> List[torch.Tensor]:
+    out = []
+    for mode in call.modes:
+        with call.isolate(mode):
+            out.append(prediction(call.branch.run(call.forward, mode, call.settings.layer, args, kwargs)))
+    return out
+
+
+def _plist(ps: List[torch.Tensor]) -> Any:
+    return ps[0] if len(ps) == 1 else tuple(ps)
+
+
+class BatchedDriver:
+    """Pipelines that call the denoiser once on `[uncond, cond]` (or `[cond]` with CFG off)."""
+
+    def __init__(self, adapter: ModelAdapter, model: torch.nn.Module):
+        self.adapter = adapter
+        self.model = model
+        self.last_fold: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (c, c') of the last fold
+
+    def __call__(self, call: Call) -> Any:
+        out = call.forward(*call.args, **call.kwargs)
+        if call.settings is None:
+            return out
+        s = call.settings
+        pred = prediction(out)
+        if call.cfg_scale is None:
+            ps = perturbed_predictions(call, call.args, call.kwargs)
+            f = combine(pred, _plist(ps), None, stg_scale=_scale_arg(s.scales), rescale=s.rescale,
+                        orthogonalize=call.orthogonalize)
+            return with_prediction(out, f)
+        batch = pred.shape[0]
+        if batch % 2:
+            raise RuntimeError(f"stg_ext: the pipeline's CFG is on but the denoiser got an odd batch of {batch}; "
+                               "expected [uncond, cond]")
+        u, c = pred[: batch // 2], pred[batch // 2:]
+        args, kwargs = cond_half(self.model, self.adapter, call.args, call.kwargs, batch)
+        ps = perturbed_predictions(call, args, kwargs)
+        c_folded = combine(c, _plist(ps), u, cfg_scale=call.cfg_scale, stg_scale=_scale_arg(s.scales),
+                           rescale=s.rescale, orthogonalize=call.orthogonalize, fold=True)
+        self.last_fold = (c, c_folded)
+        return with_prediction(out, torch.cat([u, c_folded]))
+
+
+class SeparateDriver:
+    """Pipelines that call the denoiser for cond, then (CFG on) for uncond, at every step."""
+
+    def __init__(self) -> None:
+        self.expect_uncond: Optional[int] = None  # the step whose uncond call is still to come
+        self.pending: Optional[dict] = None  # what the cond call left for the uncond call of the same step
+
+    def role(self, context_name: Optional[str], step: int, cfg_on: bool) -> str:
+        if context_name in ("cond", "uncond"):
+            return context_name
+        # No cache context: the cond call comes first in every step (all of diffusers' separate-call loops).
+        return "uncond" if cfg_on and self.expect_uncond == step else "cond"
+
+    def __call__(self, call: Call, step: int) -> Any:
+        out = call.forward(*call.args, **call.kwargs)
+        if call.role == "uncond":
+            self.expect_uncond = None
+            return self._uncond(call, out, step)
+        self.expect_uncond = step if call.cfg_scale is not None else None
+        self.pending = None
+        if call.settings is None:
+            return out
+        s, c = call.settings, prediction(out)
+        ps = perturbed_predictions(call, call.args, call.kwargs)
+        g = call.cfg_scale
+        if g is None:
+            f = combine(c, _plist(ps), None, stg_scale=_scale_arg(s.scales), rescale=s.rescale,
+                        orthogonalize=call.orthogonalize)
+            return with_prediction(out, f)
+        if s.rescale != 0.0 and float(g) == 1.0:
+            raise ValueError("stg_ext: STG rescale with a separate-call CFG of scale 1 cannot be folded")
+        # u + g (c' - u) = u + g (c - u) + s (c - p) for every u: c' = c + (s/g)(c - p).
+        c_folded = combine(c, _plist(ps), None, stg_scale=_scale_arg([w / g for w in s.scales]),
+                           orthogonalize=call.orthogonalize)
+        if s.rescale != 0.0:
+            self.pending = dict(step=step, c=c, ps=ps, c_folded=c_folded, g=g, settings=s)
+        return with_prediction(out, c_folded)
+
+    def _uncond(self, call: Call, out: Any, step: int) -> Any:
+        p, self.pending = self.pending, None
+        if p is None or p["step"] != step:
+            return out
+        s, g = p["settings"], p["g"]
+        u = prediction(out)
+        f = combine(p["c"], _plist(p["ps"]), u, cfg_scale=g, stg_scale=_scale_arg(s.scales), rescale=s.rescale,
+                    orthogonalize=call.orthogonalize)
+        # The pipeline computes u' + g (c' - u'); pick u' so that this is f: u' = (f - g c') / (1 - g).
+        u_adjusted = (f.float() - g * p["c_folded"].float()) / (1.0 - g)
+        return with_prediction(out, u_adjusted.to(u.dtype))

@@ -1,0 +1,64 @@
+"""Keeps a pipeline's own `guidance_rescale` right under STG.
+
+Batched pipelines with `guidance_rescale` (LTX, EasyAnimate) call `rescale_noise_cfg(noise_pred,
+noise_pred_text, guidance_rescale)` after their CFG line. Under STG, `noise_pred_text` is the folded `c'`, not
+the model's `c`, so the std they rescale to would be wrong. While a session is attached, the pipeline module's
+`rescale_noise_cfg` is wrapped: when its `noise_pred_text` is exactly the `c'` a session just returned, the
+wrapper passes that session's `c` instead; any other call goes through unchanged. The module attribute is
+restored when the last session using that module is removed.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Dict, List
+
+import torch
+
+FUNCTION = "rescale_noise_cfg"
+_ORIGINALS: Dict[str, Callable] = {}  # pipeline module name -> its own rescale_noise_cfg
+_SESSIONS: Dict[str, List[Any]] = {}  # pipeline module name -> sessions relying on the wrapper
+
+
+def _cond_for(noise_pred_text: torch.Tensor, sessions: List[Any]) -> torch.Tensor:
+    for session in sessions:
+        for driver in session.drivers.values():
+            last = getattr(driver, "last_fold", None)
+            if last is None:
+                continue
+            c, c_folded = last
+            if c_folded.shape == noise_pred_text.shape and torch.equal(c_folded.to(noise_pred_text.dtype),
+                                                                       noise_pred_text):
+                return c.to(noise_pred_text.dtype)
+    return noise_pred_text
+
+
+def _wrapper(module_name: str, original: Callable) -> Callable:
+    def rescale_noise_cfg(noise_cfg, noise_pred_text, guidance_rescale=0.0):
+        noise_pred_text = _cond_for(noise_pred_text, _SESSIONS.get(module_name, []))
+        return original(noise_cfg, noise_pred_text, guidance_rescale=guidance_rescale)
+
+    rescale_noise_cfg.__wrapped__ = original
+    return rescale_noise_cfg
+
+
+def attach(session: Any) -> None:
+    if session.convention != "batched":
+        return
+    name = type(session.owner).__module__
+    module = sys.modules.get(name)
+    if module is None or not callable(getattr(module, FUNCTION, None)):
+        return
+    if name not in _ORIGINALS:
+        _ORIGINALS[name] = getattr(module, FUNCTION)
+        setattr(module, FUNCTION, _wrapper(name, _ORIGINALS[name]))
+    _SESSIONS.setdefault(name, []).append(session)
+
+
+def detach(session: Any) -> None:
+    name = type(session.owner).__module__
+    sessions = _SESSIONS.get(name, [])
+    if session in sessions:
+        sessions.remove(session)
+    if not sessions and name in _ORIGINALS:
+        setattr(sys.modules[name], FUNCTION, _ORIGINALS.pop(name))
+        _SESSIONS.pop(name, None)

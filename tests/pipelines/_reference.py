@@ -1,0 +1,155 @@
+"""An independent reference of STG sampling on a stock pipeline (STG_SPEC sections 2 and 4).
+
+The pipeline's own loop drives (its latents, scheduler, embeddings and post-processing), but every guidance
+value is computed here, without stg_ext: at each step the reference computes
+
+    u, c  with the stock denoiser,
+    p     with a deep copy of the denoiser perturbed by the plain per-family references of tests/models,
+    f     = u + g (c - u) + s (c - p)     (or c + s (c - p) with CFG off; factorized: one term per mode),
+          rescaled per sample by r std(c)/std(f) + 1 - r,
+          then the pipeline's own guidance_rescale, if any, against c,
+
+in float64, and makes the pipeline's CFG line produce exactly f: a batched call returns [f; f] (so
+`u' + g (c' - u') = f + g * 0`), and separate calls return f from both the cond and the uncond call (the cond
+call computes u itself by calling the stock model with the negative conditioning).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Guidance:
+    """What the reference computes (plain values, one per step where sequences are allowed)."""
+
+    layer: int
+    modes: Sequence[str]
+    scales: Sequence[float]
+    rescale: float = 0.0
+    start: float = 0.0
+    stop: float = 1.0
+    orthogonalize: bool = False
+    guidance_rescale: float = 0.0  # the pipeline's own
+
+
+def _pred(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    return out[0] if isinstance(out, (tuple, list)) else out.sample
+
+
+def _with(out, new):
+    if isinstance(out, torch.Tensor):
+        return new
+    if isinstance(out, (tuple, list)):
+        return (new, *out[1:])
+    out.sample = new
+    return out
+
+
+def _second_half(value, batch: int):
+    """The cond samples of a batched [uncond, cond] call: every tensor with `batch` rows, halved (the tiny
+    pipelines' rotary tables are never that long)."""
+    if isinstance(value, torch.Tensor):
+        return value[batch // 2:] if value.dim() and value.shape[0] == batch else value
+    if isinstance(value, dict):
+        return {k: _second_half(v, batch) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_second_half(v, batch) for v in value)
+    return value
+
+
+def _std(x: torch.Tensor) -> torch.Tensor:
+    dims = list(range(1, x.dim()))
+    return x.std(dim=dims, keepdim=True, unbiased=False)
+
+
+def formula(u: Optional[torch.Tensor], c: torch.Tensor, ps: List[torch.Tensor], g, gd: Guidance) -> torch.Tensor:
+    u = None if u is None else u.double()
+    c = c.double()
+    ds = [c - p.double() for p in ps]
+    if gd.orthogonalize:
+        d_s, d_t = ds
+        dims = list(range(1, c.dim()))
+        dot = (d_t * d_s).sum(dims, keepdim=True)
+        nrm = (d_s * d_s).sum(dims, keepdim=True)
+        d_t = d_t - torch.where(nrm > 0, dot / torch.where(nrm > 0, nrm, 1), 0) * d_s
+        ds = [d_s, d_t]
+    f = c if u is None else u + (g.double() if isinstance(g, torch.Tensor) else g) * (c - u)
+    for s, d in zip(gd.scales, ds):
+        f = f + s * d
+    if gd.rescale:
+        sf = _std(f)
+        k = torch.where(sf > 0, _std(c) / torch.where(sf > 0, sf, 1), 1)
+        f = f * (gd.rescale * k + 1 - gd.rescale)
+    if gd.guidance_rescale and u is not None:
+        # diffusers' rescale_noise_cfg(noise_cfg=f, noise_pred_text=c, guidance_rescale)
+        f_resc = f * (_std(c) / _std(f))
+        f = gd.guidance_rescale * f_resc + (1 - gd.guidance_rescale) * f
+    return f
+
+
+class ReferenceSampler:
+    """Installs the reference on `model` (instance-level forward override; `remove()` takes it off).
+
+    convention: "batched" ([uncond, cond] in one call; [cond] with CFG off) or "separate" (cond call, then
+    uncond call). cfg_scale(step) -> g or None (CFG off). negative(kwargs) -> the cond call's kwargs with the
+    negative conditioning (separate convention only). perturb(model_copy, mode, layer) patches a copy.
+    """
+
+    def __init__(self, model: nn.Module, gd: Guidance, n_steps: int, convention: str,
+                 cfg_scale: Callable[[int], Any], perturb: Callable[[nn.Module, str, int], None],
+                 negative: Optional[Callable[[dict], dict]] = None):
+        self.model, self.gd, self.n_steps = model, gd, n_steps
+        self.convention, self.cfg_scale, self.negative = convention, cfg_scale, negative
+        self.weak = {}
+        for mode in gd.modes:
+            weak = copy.deepcopy(model)
+            perturb(weak, mode, gd.layer)
+            self.weak[mode] = weak
+        self.calls = 0
+        self.pending = None
+        self.stock_forward = model.forward
+        model.forward = self._forward
+
+    def remove(self) -> None:
+        del self.model.forward
+
+    def _active(self, step: int) -> bool:
+        return self.gd.start * self.n_steps <= step < self.gd.stop * self.n_steps
+
+    def _forward(self, *args, **kwargs):
+        g_probe = self.cfg_scale(0)
+        per_step = 2 if (self.convention == "separate" and g_probe is not None) else 1
+        call = self.calls
+        self.calls += 1
+        step = call // per_step
+        g = self.cfg_scale(step)
+        out = self.stock_forward(*args, **kwargs)
+        if not self._active(step):
+            return out
+        if self.convention == "separate" and call % per_step == 1:
+            return _with(out, self.pending.to(_pred(out).dtype))  # the uncond call: f again
+        pred = _pred(out)
+        if self.convention == "batched" and g is not None:
+            # The perturbed branch runs on the cond samples alone: on batch 2B the model's fp32 arithmetic differs
+            # from batch B by an ulp, which EDM samplers (SVD: sigma up to ~700) amplify past the tolerance.
+            b = pred.shape[0] // 2
+            args, kwargs = _second_half(args, 2 * b), _second_half(kwargs, 2 * b)
+        ps = [_pred(weak(*args, **kwargs)) for weak in self.weak.values()]
+        if self.convention == "batched":
+            if g is None:
+                return _with(out, formula(None, pred, ps, None, self.gd).to(pred.dtype))
+            f = formula(pred[:b], pred[b:], ps, g, self.gd).to(pred.dtype)
+            return _with(out, torch.cat([f, f]))
+        if g is None:
+            return _with(out, formula(None, pred, ps, None, self.gd).to(pred.dtype))
+        u = _pred(self.stock_forward(*args, **self.negative(kwargs)))
+        f = formula(u, pred, ps, g, self.gd).to(pred.dtype)
+        self.pending = f
+        return _with(out, f)
