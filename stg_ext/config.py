@@ -7,6 +7,9 @@
 - `layer`, `scale` and `rescale` may also be per-step sequences of length N (LTX-Video's configs do that);
   for a tuple of modes, a per-step scale is a sequence of tuples.
 - The window: STG is active at step i of N when `start*N <= i < stop*N`.
+- `strategy`: how the perturbed branch is scheduled (STG_SPEC section 5): "sequential" (default) runs it as its
+  own pass that starts at the first perturbed block from the cond pass's activations; "naive" runs the full
+  third pass, as every public implementation does (kept for comparison and benchmarks).
 """
 from __future__ import annotations
 
@@ -48,8 +51,13 @@ class STGConfig:
     start: float = 0.0
     stop: float = 1.0
     orthogonalize: bool = False
+    strategy: str = "sequential"
 
     def __post_init__(self) -> None:
+        from .branch import STRATEGIES
+
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"stg_ext: unknown strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}")
         if isinstance(self.mode, str):
             self.modes: Tuple[str, ...] = (self.mode,)
         elif isinstance(self.mode, (tuple, list)) and self.mode and all(isinstance(m, str) for m in self.mode):

@@ -75,6 +75,10 @@ class ModelAdapter:
     joint: Optional[JointLayout] = None
     #: Whether "spatial"/"temporal" modes exist (factorized models).
     factorized: bool = False
+    #: Whether the perturbed branch may start from the cond pass's inputs of its first perturbed block (prefix
+    #: reuse, STG_SPEC section 5): true when the blocks run one after another with nothing else carrying
+    #: state past them (a UNet's skip connections and resnets between its layers do).
+    prefix_reuse: bool = True
     #: Forward parameters that hold per-call data, not per-sample data (rotary tables, kwargs dicts): a
     #: guidance driver that splits a batched [uncond, cond] call keeps them whole.
     shared_inputs: Tuple[str, ...] = ("image_rotary_emb", "rotary_emb", "attention_kwargs",

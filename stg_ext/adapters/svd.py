@@ -49,6 +49,9 @@ class SVDAdapter(ModelAdapter):
     model_classes = ("UNetSpatioTemporalConditionModel",)
     block_lists = ()
     factorized = True
+    # The layers sit between resnets, and the up blocks consume the down blocks' skip connections: the
+    # perturbed pass runs in full.
+    prefix_reuse = False
 
     def layers(self, model: nn.Module) -> List[Layer]:
         out: List[Layer] = []

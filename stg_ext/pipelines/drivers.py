@@ -17,7 +17,8 @@ from typing import Any, Callable, ContextManager, List, Optional, Sequence, Tupl
 
 import torch
 
-from ..adapters.base import ModelAdapter, read_signature, _PARAMS
+from ..adapters.base import ModelAdapter
+from ..batch import cond_half
 from ..branch import PerturbedBranch
 from ..config import StepSettings
 from ..ops import combine
@@ -45,32 +46,6 @@ def with_prediction(out: Any, new: torch.Tensor) -> Any:
     fields = dict(out.items())
     fields[next(iter(fields))] = new
     return type(out)(**fields)
-
-
-# --- the cond half of a batched call ------------------------------------------------------------------------
-
-def _take(value: Any, batch: int, half: slice) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value[half] if value.dim() > 0 and value.shape[0] == batch else value
-    if isinstance(value, dict):
-        return {k: _take(v, batch, half) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_take(v, batch, half) for v in value)
-    return value
-
-
-def cond_half(model: torch.nn.Module, adapter: ModelAdapter, args: tuple, kwargs: dict, batch: int
-              ) -> Tuple[tuple, dict]:
-    """The call arguments of the cond samples (the second half) of a batched `[uncond, cond]` call: every
-    per-sample tensor whose batch dimension is `batch` is sliced; the adapter's `shared_inputs` are not."""
-    read_signature(model)
-    names = _PARAMS[type(model)][0]
-    half = slice(batch // 2, batch)
-    shared = set(adapter.shared_inputs)
-    new_args = tuple(a if i < len(names) and names[i] in shared else _take(a, batch, half)
-                     for i, a in enumerate(args))
-    new_kwargs = {k: v if k in shared else _take(v, batch, half) for k, v in kwargs.items()}
-    return new_args, new_kwargs
 
 
 # --- the combination ----------------------------------------------------------------------------------------
@@ -116,9 +91,13 @@ class BatchedDriver:
         self.last_fold: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (c, c') of the last fold
 
     def __call__(self, call: Call) -> Any:
-        out = call.forward(*call.args, **call.kwargs)
         if call.settings is None:
-            return out
+            return call.forward(*call.args, **call.kwargs)
+        with call.branch.reuse(call.settings.layer, halve=call.cfg_scale is not None):
+            return self._guided(call)
+
+    def _guided(self, call: Call) -> Any:
+        out = call.forward(*call.args, **call.kwargs)
         s = call.settings
         pred = prediction(out)
         if call.cfg_scale is None:
@@ -153,14 +132,18 @@ class SeparateDriver:
         return "uncond" if cfg_on and self.expect_uncond == step else "cond"
 
     def __call__(self, call: Call, step: int) -> Any:
-        out = call.forward(*call.args, **call.kwargs)
         if call.role == "uncond":
             self.expect_uncond = None
-            return self._uncond(call, out, step)
+            return self._uncond(call, call.forward(*call.args, **call.kwargs), step)
         self.expect_uncond = step if call.cfg_scale is not None else None
         self.pending = None
         if call.settings is None:
-            return out
+            return call.forward(*call.args, **call.kwargs)
+        with call.branch.reuse(call.settings.layer, halve=False):
+            return self._cond(call, step)
+
+    def _cond(self, call: Call, step: int) -> Any:
+        out = call.forward(*call.args, **call.kwargs)
         s, c = call.settings, prediction(out)
         ps = perturbed_predictions(call, call.args, call.kwargs)
         g = call.cfg_scale

@@ -90,7 +90,7 @@ class GuidanceSession:
                     raise RuntimeError(f"stg_ext: {name} ({type(model).__name__}) already carries STG guidance (from "
                                        "another pipeline sharing it?); remove that first with stg_ext.remove_stg")
                 remove_weak(model)
-                self.branches[name] = PerturbedBranch(model, config.modes, config.all_layers())
+                self.branches[name] = PerturbedBranch(model, config.modes, config.all_layers(), config.strategy)
                 self.drivers[name] = (BatchedDriver(get_adapter(model), model) if convention == "batched"
                                       else SeparateDriver())
                 self._installed.append(install(model, GuidanceHook(self, name), GUIDANCE_HOOK))

@@ -1,0 +1,313 @@
+"""Step cost of STG relative to CFG (STG_SPEC section 5), measured side by side in one run.
+
+For each model geometry (full depth, tiny width 128, ~1024 video tokens; random weights), one guided denoising step
+in the family's own calling convention (Mochi, LTX: one call on [uncond, cond]; Wan, HunyuanVideo: a cond call and
+an uncond call):
+  cfg         - the stock step (what CFG costs);
+  sequential  - stg_ext's default: the perturbed branch starts at the first perturbed block from the cond pass's
+                activations (prefix reuse);
+  naive       - stg_ext with strategy="naive": a full third pass, what every public implementation pays;
+  diffusers   - the CFG step plus a full pass with diffusers' own layer-skip hooks (SkipLayerGuidance's weak
+                model; for STG-A its `skip_attention_scores`), where they run.
+Ratios are step time / CFG step time. floor = (CFG step + the computed share of one batch-1 pass) / CFG step:
+STG_SPEC's 2 + (L - l)/L passes (STG-R: 2 + (L - l - 1)/L), with the passes as measured here (on a CPU a batch-2
+call costs less than two batch-1 calls, so for batched families the floor is above the pass-count
+`pass_floor_ratio`). Peak memory (--memory): each part runs in a fresh subprocess, which reports the growth of its
+peak resident set during one call, above its peak after the model and inputs were built.
+
+    python benchmarks/bench_step_cost.py --out bench_out --memory   # table, CSV and PNG
+    python benchmarks/bench_step_cost.py --quick                    # 1 repeat, 1 latent frame
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+import stg_ext
+
+from _timing import median_seconds, write_csv
+
+CFG_SCALE = 4.5
+WIDTH_HEADS, HEAD_DIM = 4, 32  # width 128
+TEXT_TOKENS = 32
+
+
+@dataclass
+class Geometry:
+    name: str
+    n_layers: int
+    layer: int
+    block_list: str  # diffusers LayerSkipConfig fqn of the perturbed block's list
+    list_index: int  # index of the perturbed block inside that list
+    build: Callable[[], torch.nn.Module]
+    inputs: Callable[[int, int], dict]  # (batch, frames) -> forward kwargs
+    convention: str  # how the family's pipelines call the denoiser: "batched" [u, c] or "separate" calls
+
+
+def _mochi():
+    from diffusers import MochiTransformer3DModel
+
+    return MochiTransformer3DModel(patch_size=2, num_attention_heads=WIDTH_HEADS, attention_head_dim=HEAD_DIM,
+                                   num_layers=48, pooled_projection_dim=32, in_channels=12, text_embed_dim=64,
+                                   time_embed_dim=32, max_sequence_length=TEXT_TOKENS)
+
+
+def _mochi_inputs(b, f):
+    return dict(hidden_states=torch.randn(b, 12, f, 32, 32), encoder_hidden_states=torch.randn(b, TEXT_TOKENS, 64),
+                timestep=torch.full((b,), 500), encoder_attention_mask=torch.ones(b, TEXT_TOKENS))
+
+
+def _ltx():
+    from diffusers import LTXVideoTransformer3DModel
+
+    return LTXVideoTransformer3DModel(in_channels=32, out_channels=32, patch_size=1, patch_size_t=1,
+                                      num_attention_heads=WIDTH_HEADS, attention_head_dim=HEAD_DIM,
+                                      cross_attention_dim=WIDTH_HEADS * HEAD_DIM, num_layers=28, caption_channels=64)
+
+
+def _ltx_inputs(b, f):
+    return dict(hidden_states=torch.randn(b, f * 16 * 16, 32), encoder_hidden_states=torch.randn(b, TEXT_TOKENS, 64),
+                timestep=torch.full((b,), 500), encoder_attention_mask=torch.ones(b, TEXT_TOKENS),
+                num_frames=f, height=16, width=16)
+
+
+def _wan():
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=WIDTH_HEADS, attention_head_dim=HEAD_DIM,
+                                 in_channels=16, out_channels=16, text_dim=64, freq_dim=32, ffn_dim=512, num_layers=30,
+                                 rope_max_seq_len=64)
+
+
+def _wan_inputs(b, f):
+    return dict(hidden_states=torch.randn(b, 16, f, 32, 32), encoder_hidden_states=torch.randn(b, TEXT_TOKENS, 64),
+                timestep=torch.full((b,), 500))
+
+
+def _hunyuan():
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    return HunyuanVideoTransformer3DModel(in_channels=16, out_channels=16, num_attention_heads=WIDTH_HEADS,
+                                          attention_head_dim=HEAD_DIM, num_layers=20, num_single_layers=40,
+                                          num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=64,
+                                          pooled_projection_dim=32, rope_axes_dim=(8, 12, 12))
+
+
+def _hunyuan_inputs(b, f):
+    return dict(hidden_states=torch.randn(b, 16, f, 32, 32), timestep=torch.full((b,), 500),
+                encoder_hidden_states=torch.randn(b, TEXT_TOKENS, 64),
+                encoder_attention_mask=torch.ones(b, TEXT_TOKENS), pooled_projections=torch.randn(b, 32),
+                guidance=torch.full((b,), 6000.0))
+
+
+GEOMETRIES = {
+    "mochi": Geometry("mochi", 48, 34, "transformer_blocks", 34, _mochi, _mochi_inputs, "batched"),
+    "ltx-video-2b": Geometry("ltx-video-2b", 28, 19, "transformer_blocks", 19, _ltx, _ltx_inputs, "batched"),
+    "wan-1.3b": Geometry("wan-1.3b", 30, 8, "blocks", 8, _wan, _wan_inputs, "separate"),
+    # A single-stream layer: index 40 is single_transformer_blocks[20].
+    "hunyuan-video": Geometry("hunyuan-video", 60, 40, "single_transformer_blocks", 20, _hunyuan, _hunyuan_inputs, "separate"),
+}
+MODES = ("residual", "attention")
+VARIANTS = ("cfg", "sequential", "naive", "diffusers")
+
+
+def computed_fraction(g: Geometry, mode: str) -> float:
+    """The share of the blocks the perturbed branch computes with prefix reuse (STG_SPEC section 5)."""
+    return (g.n_layers - g.layer - (1 if mode == "residual" else 0)) / g.n_layers
+
+
+# What is timed; a step of each variant is a sum of these (see `step_times`).
+PARTS = ("pass1", "cfg_batched", "sequential_cond", "naive_cond", "sequential_batched", "naive_batched",
+         "diffusers_perturbed")
+
+
+def part_fn(part: str, g: Geometry, mode: str, model: torch.nn.Module, frames: int) -> Callable[[], object]:
+    """A callable timing one part; installs what it needs on `model` (call `.cleanup` on the result after)."""
+    torch.manual_seed(0)
+    batched = g.inputs(2, frames)
+    cond = {k: (v[1:] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 2 else v) for k, v in batched.items()}
+    inputs = batched if part.endswith("batched") else cond
+
+    def call():
+        with torch.no_grad():
+            return model(**inputs, return_dict=False)
+
+    call.cleanup = lambda: None
+    if part in ("pass1", "cfg_batched"):
+        return call
+    if part != "diffusers_perturbed":
+        strategy = part.split("_")[0]
+        # On the batched [u, c] input the session folds CFG + STG; on a cond-only input (separate-call pipelines)
+        # it computes c + s (c - p): the same passes as the cond call of a CFG step plus the perturbed branch.
+        session = stg_ext.apply_stg(model, g.layer, mode, cfg_scale=CFG_SCALE if part.endswith("batched") else None,
+                                    strategy=strategy)
+        call.cleanup = session.remove
+        return call
+    from diffusers.hooks import LayerSkipConfig, apply_layer_skip
+
+    if mode == "residual":
+        config = LayerSkipConfig(indices=[g.list_index], fqn=g.block_list, skip_attention=True, skip_ff=True)
+    else:
+        config = LayerSkipConfig(indices=[g.list_index], fqn=g.block_list, skip_attention=False, skip_ff=False,
+                                 skip_attention_scores=True)
+    apply_layer_skip(model, config)
+    call.cleanup = lambda: _remove_diffusers_hooks(model)
+    return call
+
+
+def _remove_diffusers_hooks(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None:
+            for name in reversed(list(registry.hooks)):
+                registry.remove_hook(name, recurse=False)
+            module.__dict__.pop("forward", None)
+            del module._diffusers_hook
+
+
+def step_times(g: Geometry, mode: str, t: Dict[str, float]) -> Dict[str, Optional[float]]:
+    """Step time of each variant from the timed parts, in the pipeline family's own calling convention."""
+    frac = computed_fraction(g, mode)
+    slg = t.get("diffusers_perturbed")
+    if g.convention == "batched":  # one call on [uncond, cond]
+        cfg = t["cfg_batched"]
+        return dict(cfg=cfg, sequential=t["sequential_batched"], naive=t["naive_batched"],
+                    diffusers=None if slg is None else cfg + slg, floor=cfg + frac * t["pass1"])
+    cfg = 2 * t["pass1"]  # a cond call and an uncond call
+    return dict(cfg=cfg, sequential=t["sequential_cond"] + t["pass1"], naive=t["naive_cond"] + t["pass1"],
+                diffusers=None if slg is None else cfg + slg, floor=cfg + frac * t["pass1"])
+
+
+def _peak_kib() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def measure_memory_child(name: str, mode: str, part: str, frames: int) -> None:
+    """Runs in a fresh process: prints the peak-RSS growth (MiB) of one call of `part`."""
+    g = GEOMETRIES[name]
+    torch.manual_seed(0)
+    model = g.build().eval()
+    fn = part_fn(part, g, mode, model, frames)
+    base = _peak_kib()
+    fn()
+    print(json.dumps({"peak_mib": (_peak_kib() - base) / 1024}))
+
+
+def measure_memory(name: str, mode: str, part: str, frames: int) -> Optional[float]:
+    cmd = [sys.executable, __file__, "--memory-child", name, mode, part, str(frames)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    if out.returncode != 0:
+        print(f"memory of {name}/{mode}/{part} failed: {out.stderr.strip().splitlines()[-1:]}")
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def run(names: List[str], repeats: int, frames: int, memory: bool) -> List[dict]:
+    rows = []
+    for name in names:
+        g = GEOMETRIES[name]
+        torch.manual_seed(0)
+        model = g.build().eval()
+        for mode in MODES:
+            t: Dict[str, float] = {}
+            for part in PARTS:
+                fn = None
+                try:
+                    fn = part_fn(part, g, mode, model, frames)
+                    t[part] = median_seconds(fn, repeats=repeats, warmup=1)
+                except Exception as exc:  # diffusers' layer skip does not run on every model
+                    print(f"{name}/{mode}/{part}: does not run ({type(exc).__name__}: {str(exc)[:100]})")
+                    _remove_diffusers_hooks(model)
+                finally:
+                    if fn is not None:
+                        fn.cleanup()
+            steps = step_times(g, mode, t)
+            row = dict(model=name, mode=mode, convention=g.convention, layers=g.n_layers, layer=g.layer,
+                       frames=frames, cfg_ms=round(steps["cfg"] * 1e3, 1))
+            for variant in VARIANTS[1:]:
+                v = steps[variant]
+                row[f"{variant}_ms"] = None if v is None else round(v * 1e3, 1)
+                row[f"{variant}_ratio"] = None if v is None else round(v / steps["cfg"], 3)
+            row["floor_ratio"] = round(steps["floor"] / steps["cfg"], 3)
+            row["pass_floor_ratio"] = round(1 + computed_fraction(g, mode) / 2, 3)
+            row["sequential_vs_floor"] = round(steps["sequential"] / steps["floor"], 3)
+            if memory:
+                cfg_part = "cfg_batched" if g.convention == "batched" else "pass1"
+                for variant, part in (("cfg", cfg_part), ("sequential", f"sequential_{g.convention}"),
+                                      ("naive", f"naive_{g.convention}")):
+                    part = part.replace("separate", "cond")
+                    mib = measure_memory(name, mode, part, frames)
+                    row[f"{variant}_peak_mib"] = None if mib is None else round(mib, 1)
+            rows.append(row)
+            print(_line(row), flush=True)
+    return rows
+
+
+def _line(row: dict) -> str:
+    ratios = "  ".join(f"{v}={row.get(f'{v}_ratio')}" for v in VARIANTS[1:])
+    return (f"{row['model']:>14} {row['mode']:>9}  cfg {row['cfg_ms']:8.1f} ms  {ratios}  floor={row['floor_ratio']}"
+            f"  sequential/floor={row['sequential_vs_floor']}")
+
+
+def plot(rows: List[dict], out_dir: str) -> Optional[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return None
+    labels = [f"{r['model']}\n{r['mode']}" for r in rows]
+    xs = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(rows)), 4))
+    width = 0.2
+    for k, variant in enumerate(("sequential", "naive", "diffusers")):
+        vals = [r.get(f"{variant}_ratio") or 0 for r in rows]
+        ax.bar([x + (k - 1) * width for x in xs], vals, width, label=f"{variant}")
+    ax.scatter(list(xs), [r["floor_ratio"] for r in rows], color="black", marker="_", s=400, label="floor", zorder=3)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("step time / CFG step time")
+    ax.set_title("STG step cost (tiny width, full depth, CPU)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "step_cost.png")
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+    return path
+
+
+def main(argv: Optional[List[str]] = None) -> List[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench_out", help="folder for step_cost.csv and step_cost.png")
+    parser.add_argument("--models", nargs="+", default=list(GEOMETRIES), choices=list(GEOMETRIES))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--frames", type=int, default=4, help="latent frames (each 16x16 tokens after patching)")
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory (one subprocess per variant)")
+    parser.add_argument("--quick", action="store_true", help="1 repeat, 1 latent frame")
+    parser.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_child:
+        name, mode, part, frames = args.memory_child
+        measure_memory_child(name, mode, part, int(frames))
+        return []
+    if args.quick:
+        args.repeats, args.frames = 1, 1
+    rows = run(args.models, args.repeats, args.frames, args.memory)
+    write_csv(rows, args.out, "step_cost.csv")
+    plot(rows, args.out)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
