@@ -1,7 +1,7 @@
 """The cond samples of a batched `[uncond, cond]` call, for any module whose forward the adapters describe."""
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, Callable, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -19,16 +19,38 @@ def _take(value: Any, batch: int, half: slice) -> Any:
     return value
 
 
-def cond_half(module: nn.Module, adapter: ModelAdapter, args: tuple, kwargs: dict, batch: int
-              ) -> Tuple[tuple, dict]:
-    """The call arguments of the cond samples (the second half) of a batched `[uncond, cond]` call: every
-    per-sample tensor whose batch dimension is `batch` is sliced (a view, no copy); the adapter's
-    `shared_inputs` (rotary tables, kwargs dicts) are not."""
+def map_per_sample(module: nn.Module, shared: Sequence[str], args: tuple, kwargs: dict,
+                   fn: Callable[[Any], Any]) -> Tuple[tuple, dict]:
+    """`fn` applied to every argument of a call on `module` except the `shared` ones (per-call data such as
+    rotary tables), found by name in the module's signature."""
     read_signature(module)
     names = _PARAMS[type(module)][0]
-    half = slice(batch // 2, batch)
-    shared = set(adapter.shared_inputs)
-    new_args = tuple(a if i < len(names) and names[i] in shared else _take(a, batch, half)
-                     for i, a in enumerate(args))
-    new_kwargs = {k: v if k in shared else _take(v, batch, half) for k, v in kwargs.items()}
+    shared = set(shared)
+    new_args = tuple(a if i < len(names) and names[i] in shared else fn(a) for i, a in enumerate(args))
+    new_kwargs = {k: v if k in shared else fn(v) for k, v in kwargs.items()}
     return new_args, new_kwargs
+
+
+def take_rows(module: nn.Module, shared: Sequence[str], args: tuple, kwargs: dict, batch: int, rows: slice
+              ) -> Tuple[tuple, dict]:
+    """The call arguments of `rows` of a call on `batch` samples: every per-sample tensor (batch dimension
+    `batch`) is sliced, a view, no copy."""
+    return map_per_sample(module, shared, args, kwargs, lambda v: _take(v, batch, rows))
+
+
+def cond_half(module: nn.Module, adapter: ModelAdapter, args: tuple, kwargs: dict, batch: int
+              ) -> Tuple[tuple, dict]:
+    """The call arguments of the cond samples (the second half) of a batched `[uncond, cond]` call; the adapter's
+    `shared_inputs` (rotary tables, kwargs dicts) stay whole."""
+    return take_rows(module, adapter.shared_inputs, args, kwargs, batch, slice(batch // 2, batch))
+
+
+def cat_rows(a: Any, b: Any) -> Any:
+    """Two outputs of the same structure (a tensor, or a tuple of tensors / None) joined along the batch."""
+    if isinstance(a, torch.Tensor):
+        return torch.cat([a, b])
+    if isinstance(a, (tuple, list)):
+        return type(a)(cat_rows(x, y) for x, y in zip(a, b))
+    if a is None:
+        return None
+    raise TypeError(f"stg_ext: cannot join outputs of type {type(a).__name__} along the batch")

@@ -17,18 +17,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import torch
 from diffusers.hooks import ModelHook
 from torch import nn
 
 from .adapters import get_adapter
 from .adapters.base import ModelAdapter, argument, read_signature
-from .batch import cond_half
+from .batch import cond_half, map_per_sample
 from .config import LayerSpec
 from .hooks import PerturbationState, install, uninstall
 from .weak import check_mode, install_layer_hooks, resolve_layers, unwrap
 
 PREFIX_HOOK = "stg_ext.prefix"
-STRATEGIES = ("sequential", "naive")
+JOIN_HOOK = "stg_ext.join"
+STRATEGIES = ("sequential", "batched", "naive")
 
 
 def _key(spec: LayerSpec) -> Tuple:
@@ -72,6 +74,74 @@ class PrefixHook(ModelHook):
         return forward(*args, **kwargs)
 
 
+@dataclass
+class JoinState:
+    """strategy="batched": the perturbed samples ride along in the stock call from the first perturbed block on."""
+
+    phase: str = "off"          # "off" | "joined" (the stock call) | "head" (the perturbed output's head pass)
+    start: int = -1             # execution index of the first block the perturbed branch computes
+    last: int = -1              # execution index of the last block
+    halve: bool = False         # the call is batched [uncond, cond]: the perturbed samples copy the cond half
+    n: int = 0                  # rows of the stock call
+    extended: Optional[Dict[int, Any]] = None  # per-call tensors already widened to the joined batch, by id
+    out: Any = None             # the perturbed rows of the last block's output
+
+
+class JoinHook(ModelHook):
+    """On every block, in execution order `index`. In the joined stock call, block `start` receives the n stock
+    rows and widens its inputs with a copy of the cond rows (the perturbed samples); later blocks receive the
+    widened streams from their predecessor and get their per-call tensors (temb, text, masks) widened; the last
+    block hands the stock rows back to the model and keeps the perturbed rows for the head pass, in which every
+    block returns at once and the last one returns them."""
+
+    def __init__(self, adapter: ModelAdapter, state: JoinState, index: int):
+        super().__init__()
+        self.adapter, self.state, self.index = adapter, state, index
+
+    def initialize_hook(self, module: nn.Module) -> nn.Module:
+        read_signature(module)
+        return module
+
+    def _widen(self, value: Any) -> Any:
+        state = self.state
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == state.n:
+            wide = state.extended.get(id(value))
+            if wide is None or wide[0] is not value:
+                rows = value[state.n // 2:] if state.halve else value
+                wide = (value, torch.cat([value, rows]))
+                state.extended[id(value)] = wide
+            return wide[1]
+        if isinstance(value, (tuple, list)):
+            return type(value)(self._widen(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self._widen(v) for k, v in value.items()}
+        return value
+
+    def new_forward(self, module: nn.Module, *args, **kwargs) -> Any:
+        state, forward = self.state, self.fn_ref.original_forward
+        if state.phase == "head":
+            if self.index < state.last:
+                return self.adapter.skip_output(module, args, kwargs)
+            return state.out
+        if state.phase != "joined" or self.index < state.start:
+            return forward(*args, **kwargs)
+        args, kwargs = map_per_sample(module, self.adapter.shared_inputs, args, kwargs, self._widen)
+        out = forward(*args, **kwargs)
+        if self.index == state.last:
+            total = state.n + (state.n // 2 if state.halve else state.n)
+            state.out = _rows_of(out, total, slice(state.n, total))
+            out = _rows_of(out, total, slice(0, state.n))
+        return out
+
+
+def _rows_of(out: Any, batch: int, rows: slice) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out[rows] if out.dim() and out.shape[0] == batch else out
+    if isinstance(out, (tuple, list)):
+        return type(out)(_rows_of(o, batch, rows) for o in out)
+    return out
+
+
 class PerturbedBranch:
     def __init__(self, model: nn.Module, modes: Sequence[str], layer_specs: Sequence[LayerSpec],
                  strategy: str = "sequential"):
@@ -98,17 +168,25 @@ class PerturbedBranch:
         self._states: Dict[Tuple[str, int], PerturbationState] = {}
         self._installed: List[Tuple[nn.Module, str]] = []
         self.prefix: Optional[PrefixState] = None
+        self.join: Optional[JoinState] = None
+        self._modes = tuple(modes)
         try:
             for mode in modes:
                 for index, lay in sorted(by_index.items()):
                     state = PerturbationState(active=False)
                     self._states[(mode, index)] = state
                     self._installed += install_layer_hooks(self.adapter, lay, mode, state, tag=f"[{mode}:{index}]")
-            if strategy == "sequential" and self.adapter.prefix_reuse:
-                # Installed after the perturbation hooks, so it is the outer hook of a perturbed block: a replayed
-                # call still goes through the perturbation.
+            self._blocks = blocks
+            # Installed after the perturbation hooks, so they are the outer hooks of a perturbed block: a replayed
+            # or widened call still goes through the perturbation.
+            if strategy == "batched" and self.adapter.joinable and len(modes) == 1:
+                self.join = JoinState(last=len(blocks) - 1)
+                for k, block in enumerate(blocks):
+                    self._installed.append(install(block, JoinHook(self.adapter, self.join, k), JOIN_HOOK))
+            elif strategy != "naive" and self.adapter.prefix_reuse:
+                # "batched" on a model whose blocks cannot take a joined batch (or with two perturbed passes)
+                # falls back to "sequential": same result, same passes.
                 self.prefix = PrefixState()
-                self._blocks = blocks
                 for k, block in enumerate(blocks):
                     self._installed.append(install(block, PrefixHook(self.adapter, self.prefix, k), PREFIX_HOOK))
         except Exception:
@@ -138,21 +216,55 @@ class PerturbedBranch:
                 return True
         return False
 
+    def _start(self, spec: LayerSpec) -> int:
+        return min(self._first_block[i] for i in self._layers[_key(spec)])
+
     @contextmanager
-    def reuse(self, spec: LayerSpec, halve: bool) -> Iterator[None]:
-        """Around the stock pass and the perturbed passes of one call (see the module docstring)."""
+    def reuse(self, spec: LayerSpec, halve: bool, n_rows: int = 0) -> Iterator[None]:
+        """Around the stock pass and the perturbed passes of one call (see the module docstring); `n_rows`: the
+        stock call's batch size (needed by strategy="batched")."""
+        if self.join is not None and not self._foreign_block_hooks():
+            with self._joined(spec, halve, n_rows):
+                yield
+            return
         state = self.prefix
         if state is None or self._foreign_block_hooks():
             yield
             return
         state.phase, state.halve, state.stash = "stash", halve, None
-        state.start = min(self._first_block[i] for i in self._layers[_key(spec)])
+        state.start = self._start(spec)
         try:
             yield
         finally:
             state.phase, state.stash = "off", None
 
+    @contextmanager
+    def _joined(self, spec: LayerSpec, halve: bool, n_rows: int) -> Iterator[None]:
+        state = self.join
+        state.phase, state.halve, state.n, state.extended, state.out = "joined", halve, n_rows, {}, None
+        state.start = self._start(spec)
+        total = n_rows + (n_rows // 2 if halve else n_rows)
+        perturbation = [self._states[(self._modes[0], i)] for i in self._layers[_key(spec)]]
+        for p in perturbation:
+            p.active, p.rows = True, slice(n_rows, total)
+        try:
+            yield
+        finally:
+            for p in perturbation:
+                p.active, p.rows = False, None
+            state.phase, state.extended, state.out = "off", None, None
+
     def run(self, forward: Callable[..., Any], mode: str, spec: LayerSpec, args: tuple, kwargs: dict) -> Any:
+        join = self.join
+        if join is not None and join.phase != "off":
+            if join.out is None:
+                raise RuntimeError("stg_ext: the joined stock call did not reach the last block")
+            # The perturbed rows went through every block in the stock call; only the model's head is left.
+            perturbation = [self._states[(mode, i)] for i in self._layers[_key(spec)]]
+            for p in perturbation:
+                p.active = False
+            join.phase = "head"
+            return forward(*args, **kwargs)
         state = self.prefix
         replay = state is not None and state.stash is not None and state.phase != "off"
         if replay:

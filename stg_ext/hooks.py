@@ -5,13 +5,13 @@ Each hook consults a shared `PerturbationState`: when inactive, the module runs 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
-from .adapters.base import AttentionTarget, ModelAdapter, read_signature
+from .adapters.base import AttentionTarget, ModelAdapter, argument, read_signature
 from .identity_attention import IdentityAttentionMode
 
 SKIP_HOOK = "stg_ext.skip_block"
@@ -25,6 +25,9 @@ class PerturbationState:
 
     active: bool = True
     value_only: bool = True
+    # Joined batches (strategy="batched"): only these rows of each call are the perturbed samples; the others
+    # run the stock forward. None: the whole call is perturbed.
+    rows: Optional[slice] = None
 
 
 class SkipBlockHook(ModelHook):
@@ -42,20 +45,33 @@ class SkipBlockHook(ModelHook):
     def new_forward(self, module: nn.Module, *args, **kwargs) -> Any:
         if not self.state.active:
             return self.fn_ref.original_forward(*args, **kwargs)
+        if self.state.rows is not None:
+            return split_call(module, self.adapter.shared_inputs, args, kwargs, self.state.rows,
+                              self.fn_ref.original_forward,
+                              lambda a, k: self.adapter.skip_output(module, a, k))
         return self.adapter.skip_output(module, args, kwargs)
 
 
 class IdentityAttentionHook(ModelHook):
     """STG-A: the module's self-attention map is the identity (value-only path, or SDPA interception)."""
 
-    def __init__(self, target: AttentionTarget, state: PerturbationState):
+    def __init__(self, target: AttentionTarget, state: PerturbationState,
+                 shared: Tuple[str, ...] = ModelAdapter.shared_inputs):
         super().__init__()
         self.target = target
         self.state = state
+        self.shared = shared  # the model's per-call (not per-sample) arguments, for joined batches
 
     def new_forward(self, module: nn.Module, *args, **kwargs) -> Any:
         if not self.state.active:
             return self.fn_ref.original_forward(*args, **kwargs)
+        if self.state.rows is not None:
+            return split_call(module, self.shared, args, kwargs, self.state.rows,
+                              self.fn_ref.original_forward,
+                              lambda a, k: self._identity(module, a, k))
+        return self._identity(module, args, kwargs)
+
+    def _identity(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         if self.state.value_only and self.target.value_only is not None:
             return self.target.value_only(module, *args, **kwargs)
         return self._intercepted(module, args, kwargs)
@@ -76,6 +92,18 @@ class IdentityAttentionHook(ModelHook):
                 f"identity ({type(getattr(module, 'processor', module)).__name__} does not use torch's SDPA, e.g. "
                 "a non-native attention backend); use the native backend or value_only=True")
         return out
+
+
+def split_call(module: nn.Module, shared: Tuple[str, ...], args: tuple, kwargs: dict, rows: slice,
+               stock, perturbed) -> Any:
+    """A call on a joined batch: the rows before `rows` run `stock`, `rows` run `perturbed`; the outputs are
+    joined again in the module's own return structure."""
+    from .batch import cat_rows, take_rows
+
+    n = argument(module, args, kwargs, "hidden_states").shape[0]
+    head = take_rows(module, shared, args, kwargs, n, slice(0, rows.start))
+    tail = take_rows(module, shared, args, kwargs, n, rows)
+    return cat_rows(stock(*head[0], **head[1]), perturbed(*tail))
 
 
 def install(module: nn.Module, hook: ModelHook, name: str) -> Tuple[nn.Module, str]:

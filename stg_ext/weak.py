@@ -125,7 +125,8 @@ def install_layer_hooks(adapter: ModelAdapter, lay: Layer, mode: str, state: Per
                 installed.append(install(module, SkipBlockHook(adapter, state), SKIP_HOOK + tag))
         else:
             for target in adapter.attention_targets(lay, mode):
-                installed.append(install(target.module, IdentityAttentionHook(target, state), IDENTITY_HOOK + tag))
+                installed.append(install(target.module, IdentityAttentionHook(target, state, adapter.shared_inputs),
+                                         IDENTITY_HOOK + tag))
     except Exception:
         uninstall(installed)
         raise

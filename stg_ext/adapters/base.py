@@ -79,6 +79,9 @@ class ModelAdapter:
     #: reuse, STG_SPEC section 5): true when the blocks run one after another with nothing else carrying
     #: state past them (a UNet's skip connections and resnets between its layers do).
     prefix_reuse: bool = True
+    #: Whether the blocks from the first perturbed one on can run a joined batch (stock rows plus perturbed rows,
+    #: strategy="batched"): true when nothing between the blocks depends on the batch size.
+    joinable: bool = True
     #: Forward parameters that hold per-call data, not per-sample data (rotary tables, kwargs dicts): a
     #: guidance driver that splits a batched [uncond, cond] call keeps them whole.
     shared_inputs: Tuple[str, ...] = ("image_rotary_emb", "rotary_emb", "attention_kwargs",

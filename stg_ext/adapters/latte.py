@@ -74,6 +74,8 @@ class LatteAdapter(ModelAdapter):
     model_classes = ("LatteTransformer3DModel",)
     block_lists = (SPATIAL_BLOCKS, TEMPORAL_BLOCKS)
     factorized = True
+    # Between a pair's spatial and temporal block the model reshapes by its own batch size: no joined batches.
+    joinable = False
 
     def layers(self, model: nn.Module) -> List[Layer]:
         spatial = model.get_submodule(SPATIAL_BLOCKS)

@@ -8,3 +8,5 @@ from .base import ModelAdapter
 @register_adapter
 class LTXVideoAdapter(ModelAdapter):
     model_classes = ("LTXVideoTransformer3DModel",)
+    # LTX computes its rotary table per sample, (batch, tokens, dim): it is per-sample data, split with the batch.
+    shared_inputs = tuple(name for name in ModelAdapter.shared_inputs if name != "image_rotary_emb")

@@ -52,6 +52,7 @@ class SVDAdapter(ModelAdapter):
     # The layers sit between resnets, and the up blocks consume the down blocks' skip connections: the
     # perturbed pass runs in full.
     prefix_reuse = False
+    joinable = False
 
     def layers(self, model: nn.Module) -> List[Layer]:
         out: List[Layer] = []

@@ -78,6 +78,14 @@ def perturbed_predictions(call: Call, args: tuple, kwargs: dict) -> List[torch.T
     return out
 
 
+def _rows(call: Call) -> int:
+    """The batch size of the call (its latents: `hidden_states`, or `sample` for UNets)."""
+    for name in ("hidden_states", "sample"):
+        if name in call.kwargs:
+            return call.kwargs[name].shape[0]
+    return call.args[0].shape[0]
+
+
 def _plist(ps: List[torch.Tensor]) -> Any:
     return ps[0] if len(ps) == 1 else tuple(ps)
 
@@ -93,7 +101,7 @@ class BatchedDriver:
     def __call__(self, call: Call) -> Any:
         if call.settings is None:
             return call.forward(*call.args, **call.kwargs)
-        with call.branch.reuse(call.settings.layer, halve=call.cfg_scale is not None):
+        with call.branch.reuse(call.settings.layer, halve=call.cfg_scale is not None, n_rows=_rows(call)):
             return self._guided(call)
 
     def _guided(self, call: Call) -> Any:
@@ -139,7 +147,7 @@ class SeparateDriver:
         self.pending = None
         if call.settings is None:
             return call.forward(*call.args, **call.kwargs)
-        with call.branch.reuse(call.settings.layer, halve=False):
+        with call.branch.reuse(call.settings.layer, halve=False, n_rows=_rows(call)):
             return self._cond(call, step)
 
     def _cond(self, call: Call, step: int) -> Any:

@@ -33,16 +33,17 @@ def _latents(tp, **overrides):
 
 @pytest.mark.parametrize("mode", ["residual", "attention"])
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in SKIP])
-def test_sequential_equals_naive(family, mode):
+def test_strategies_equal_naive(family, mode):
     tp = tiny_pipeline(family, vae=False)
     layer = LAYER.get(family, 1)
     out = {}
-    for strategy in ("naive", "sequential"):
+    for strategy in ("naive", "sequential", "batched"):
         with stg_ext.apply_stg(tp.pipe, layer, mode, scale=1.0, rescale=0.7, strategy=strategy):
             out[strategy] = _latents(tp)
     scale = out["naive"].abs().max().item()
-    err = (out["sequential"] - out["naive"]).abs().max().item()
-    assert err <= TOL * scale, f"{family} {mode}: max abs diff {err:.3g} > {TOL} x {scale:.3g}"
+    for strategy in ("sequential", "batched"):
+        err = (out[strategy] - out["naive"]).abs().max().item()
+        assert err <= TOL * scale, f"{family} {mode} {strategy}: max abs diff {err:.3g} > {TOL} x {scale:.3g}"
 
 
 def _block_runs(model):
@@ -90,3 +91,37 @@ def test_unknown_strategy_names_the_valid_ones():
     tp = tiny_pipeline("wan", vae=False)
     with pytest.raises(ValueError, match="sequential"):
         stg_ext.apply_stg(tp.pipe, 1, "attention", strategy="fastest")
+
+
+@pytest.mark.parametrize("mode", ["residual", "attention"])
+@pytest.mark.parametrize("family,layer,cfg,rows", [("mochi", 2, True, (2, 3)), ("wan", 1, True, (1, 2)),
+                                                   ("hunyuan_video", 3, False, (1, 2))])
+def test_batched_strategy_joins_the_perturbed_rows(family, layer, cfg, rows, mode):
+    """strategy="batched": from the first perturbed block on, the stock call carries the perturbed samples too
+    (Mochi: [u, c] + p; Wan's cond call and HunyuanVideo without CFG: c + p); no block runs a second time."""
+    tp = tiny_pipeline(family, vae=False)
+    model = tp.pipe.transformer
+    blocks = [m for lay in get_adapter(model).layers(model) for m in lay.modules]
+    seen = {k: [] for k in range(len(blocks))}
+    def rows_of(args, kwargs):
+        first = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+        return first.shape[0]
+
+    handles = [next(block.children()).register_forward_pre_hook(
+        lambda mod, args, kwargs, k=k: seen[k].append(rows_of(args, kwargs)), with_kwargs=True)
+        for k, block in enumerate(blocks)]
+    try:
+        with stg_ext.apply_stg(tp.pipe, layer, mode, scale=1.0, stop=0.5, strategy="batched"):
+            _latents(tp, cfg=cfg)
+    finally:
+        for h in handles:
+            h.remove()
+    stock, joined = rows
+    for k in range(len(blocks)):
+        calls = seen[k]
+        first = joined if k >= layer else stock
+        # step 0 (STG) then step 1 (stock); with separate calls, each step also has an uncond call of `stock` rows
+        expected = [first, stock] if not (cfg and family == "wan") else [first, stock, stock, stock]
+        if mode == "residual" and k == layer:
+            expected[0] = stock  # STG-R: the perturbed rows skip this block's body
+        assert calls == expected, (k, calls)
