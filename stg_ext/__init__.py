@@ -1,5 +1,6 @@
 """stg_ext: Spatiotemporal Skip Guidance (STG) for diffusers video pipelines, with fused kernels."""
 from .config import STGConfig, per_step
+from .guider import STGGuidance
 from .ops import available_backends, combine, identity_joint_attention
 from .restart import RestartHandle, apply_restart, remove_restart
 from .weak import STGHandle, perturbed, resolve_layers
@@ -65,6 +66,6 @@ def remove_stg(target) -> None:
     remove_weak(target)
 
 
-__all__ = ["apply_stg", "remove_stg", "perturbed", "resolve_layers", "per_step", "STGConfig", "STGHandle", "combine",
+__all__ = ["STGGuidance", "apply_stg", "remove_stg", "perturbed", "resolve_layers", "per_step", "STGConfig", "STGHandle", "combine",
            "identity_joint_attention", "available_backends", "apply_restart", "remove_restart", "RestartHandle",
            "__version__"]

@@ -4,8 +4,10 @@ Each hook consults a shared `PerturbationState`: when inactive, the module runs 
 """
 from __future__ import annotations
 
+import types
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -106,22 +108,67 @@ def split_call(module: nn.Module, shared: Tuple[str, ...], args: tuple, kwargs: 
     return cat_rows(stock(*head[0], **head[1]), perturbed(*tail))
 
 
+def _accelerate_wrapped(module: nn.Module) -> bool:
+    """accelerate's add_hook_to_module keeps the wrapped forward in `module._old_forward` and puts its wrapper
+    in `module.__dict__['forward']`; a pipeline's model offload re-installs it after every call."""
+    return (getattr(module, "_hf_hook", None) is not None and "_old_forward" in module.__dict__
+            and "forward" in module.__dict__)
+
+
+@contextmanager
+def _beneath_accelerate(module: nn.Module) -> Iterator[None]:
+    """Lets the hook registry work on the forward accelerate wraps (so that accelerate's re-installation keeps
+    our hooks), then puts accelerate's wrapper back on top."""
+    if not _accelerate_wrapped(module):
+        yield
+        return
+    wrapper = module.__dict__["forward"]
+    module.forward = module._old_forward
+    try:
+        yield
+    finally:
+        module._old_forward = module.__dict__.pop("forward", None) or types.MethodType(type(module).forward, module)
+        module.forward = wrapper
+
+
 def install(module: nn.Module, hook: ModelHook, name: str) -> Tuple[nn.Module, str]:
     registry = HookRegistry.check_if_exists_or_initialize(module)
-    registry.register_hook(hook, name)
+    with _beneath_accelerate(module):
+        registry.register_hook(hook, name)
     return module, name
 
 
+def _remove_hook(registry: HookRegistry, name: str) -> None:
+    """diffusers' remove_hook re-links a later hook that has `new_forward` through its `forward` (dropping it
+    from the chain); re-link that hook's inner call instead."""
+    index = registry._hook_order.index(name)
+    if index < len(registry._hook_order) - 1:
+        following = registry.hooks[registry._hook_order[index + 1]]
+        if hasattr(following, "new_forward"):
+            fn_ref = registry._fn_refs[index]
+            inner = fn_ref.original_forward if fn_ref.original_forward is not None else fn_ref.forward
+            registry._fn_refs[index + 1].original_forward = inner
+            hook = registry.hooks.pop(name)
+            registry._module_ref = hook.deinitalize_hook(registry._module_ref)
+            registry._hook_order.pop(index)
+            registry._fn_refs.pop(index)
+            return
+    registry.remove_hook(name, recurse=False)
+
+
 def uninstall(installed: List[Tuple[nn.Module, str]]) -> None:
-    """Removes hooks in reverse order of installation (diffusers' remove_hook mis-links a hook removed
-    before one registered after it on the same module), then drops what the registry left behind."""
+    """Removes hooks in reverse order of installation, keeping any other hooks (diffusers' caches, accelerate's
+    offloading) working, then drops what the registry left behind."""
     for module, name in reversed(installed):
         registry = getattr(module, "_diffusers_hook", None)
-        if registry is None:
+        if registry is None or name not in registry.hooks:
             continue
-        registry.remove_hook(name, recurse=False)
+        with _beneath_accelerate(module):
+            _remove_hook(registry, name)
         if not registry.hooks:
-            # The registry re-assigned `forward` as an instance attribute; with no hooks left it is the
-            # class's own forward again, so drop the attribute and the empty registry.
-            module.__dict__.pop("forward", None)
+            # The registry re-assigned `forward` as an instance attribute; when it is the class's own forward again,
+            # drop it and the empty registry (someone else's wrapper stays).
+            forward = module.__dict__.get("forward")
+            if getattr(forward, "__func__", None) is type(module).forward and getattr(forward, "__self__", None) is module:
+                del module.__dict__["forward"]
             del module._diffusers_hook

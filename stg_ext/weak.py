@@ -9,7 +9,7 @@ its handle is also a context manager. Pipelines: see the pipeline-level `apply_s
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple, Union
+from typing import Any, List, Sequence, Tuple, Union
 
 from torch import nn
 
@@ -121,6 +121,8 @@ def install_layer_hooks(adapter: ModelAdapter, lay: Layer, mode: str, state: Per
     installed: List[Tuple[nn.Module, str]] = []
     try:
         if mode == "residual":
+            for path, module in adapter.skip_modules(lay):
+                _refuse_cache_boundary(module, path)
             for _, module in adapter.skip_modules(lay):
                 installed.append(install(module, SkipBlockHook(adapter, state), SKIP_HOOK + tag))
         else:
@@ -131,6 +133,21 @@ def install_layer_hooks(adapter: ModelAdapter, lay: Layer, mode: str, state: Per
         uninstall(installed)
         raise
     return installed
+
+
+# diffusers' First Block Cache hooks its first block (which decides whether to reuse the cache) and its last block
+# (which completes the cache): a skipped block never runs their hooks.
+def _is_cache_boundary(hook: Any) -> bool:
+    return type(hook).__name__ == "FBCHeadBlockHook" or (type(hook).__name__ == "FBCBlockHook"
+                                                          and getattr(hook, "is_tail", False))
+
+
+def _refuse_cache_boundary(module: nn.Module, path: str) -> None:
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is not None and any(_is_cache_boundary(h) for h in registry.hooks.values()):
+        raise ValueError(f"stg_ext: STG-R cannot skip {path}: it is the first or last block of diffusers' First Block "
+                         "Cache, which keeps its state in that block's hook. Choose another layer, use "
+                         "mode='attention', or enable the cache after apply_stg")
 
 
 def check_mode(model: nn.Module, mode: str) -> None:

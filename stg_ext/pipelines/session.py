@@ -175,6 +175,9 @@ def apply_to_pipeline(pipe: Any, config: STGConfig) -> GuidanceSession:
     if spec.unsupported is not None:
         raise TypeError(f"stg_ext.apply_stg: {type(pipe).__name__}: {spec.unsupported}")
     remove_from_pipeline(pipe)
+    if spec.convention == "guider":
+        # The pipeline combines its predictions with a diffusers guider: STG becomes that guider (spec.attach).
+        return spec.attach(pipe, config)
     denoisers = {name: getattr(pipe, name) for name in spec.denoisers if getattr(pipe, name, None) is not None}
     if not denoisers:
         raise TypeError(f"stg_ext.apply_stg: {type(pipe).__name__} has no denoiser loaded ({', '.join(spec.denoisers)})")

@@ -1,8 +1,9 @@
 """What the guidance drivers need to know about one family of stock pipelines, keyed by pipeline class.
 
 A spec answers: which components are the denoisers, how the pipeline calls them (`"batched"`: one call on
-the batch `[uncond, cond]`; `"separate"`: a cond call, then an uncond call), and what CFG scale the
-pipeline applies at this call (None when its CFG is off), in the form `f = u + g (c - u)`.
+the batch `[uncond, cond]`; `"separate"`: a cond call, then an uncond call; `"guider"`: a diffusers guider
+combines the predictions, and STG replaces that guider, see `GuiderSpec`), and what CFG scale the pipeline
+applies at this call (None when its CFG is off), in the form `f = u + g (c - u)`.
 Nothing outside this package knows a pipeline by name.
 """
 from __future__ import annotations
@@ -59,8 +60,12 @@ class PipelineSpec:
         return self.guidance(pipe, loop, denoiser) if self.cfg_on(pipe, loop) else None
 
     def step(self, pipe: Any, loop: Mapping[str, Any]) -> Tuple[int, int]:
-        """(i, N): the loop index and the number of loop iterations of this sampling run."""
-        return int(loop["i"]), int(pipe._num_timesteps)
+        """(i, N): the step of this sampling run and its number of steps. Under `stg_ext.apply_restart` the loop
+        repeats a segment; a repeated step keeps its own step's settings (window, per-step values)."""
+        from ..restart import loop_step
+
+        i = int(loop["i"])
+        return loop_step(pipe, i) or (i, int(pipe._num_timesteps))
 
 
 # --- batched [uncond, cond] --------------------------------------------------------------------------------
@@ -149,3 +154,26 @@ class LTX2Spec(PipelineSpec):
         "modality guidance), which a drop-in patch would duplicate. Use the pipeline's own STG: "
         "pipe(..., stg_scale=1.0, spatio_temporal_guidance_blocks=[i]); stg_ext.perturbed(pipe.transformer, i, mode) "
         "gives the weak model itself.")
+
+
+# --- a diffusers guider ---------------------------------------------------------------------------------------
+
+@register_pipeline
+class GuiderSpec(PipelineSpec):
+    # The pipeline combines its predictions with `pipe.guider` (ClassifierFreeGuidance): batches "pred_cond" and
+    # "pred_uncond", one denoiser call each, then `pipe.guider(state)`. STG is a guider there: apply_stg swaps in
+    # stg_ext.guider.STGGuidance with the same CFG settings (`attach`), and the session's remove() restores the
+    # original guider. No guidance hook goes on the denoiser.
+    pipeline_classes = ("HunyuanVideo15Pipeline", "HunyuanVideo15ImageToVideoPipeline")
+    convention = "guider"
+
+    def attach(self, pipe: Any, config: Any) -> Any:
+        """Applies STG to `pipe` (the "guider" convention's apply_to_pipeline); returns the session, recorded on
+        the pipeline like a guidance session, whose `remove()` undoes it."""
+        from ..guider import attach_to_pipeline
+
+        return attach_to_pipeline(pipe, config)
+
+    def step(self, pipe: Any, loop: Mapping[str, Any]) -> Tuple[int, int]:
+        raise RuntimeError(f"stg_ext: {type(pipe).__name__} is guided through its guider (convention 'guider'): "
+                           "apply_to_pipeline must hand it to spec.attach(pipe, config), not to a guidance hook")

@@ -16,7 +16,7 @@ call computes u itself by calling the stock model with the negative conditioning
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -35,6 +35,21 @@ class Guidance:
     stop: float = 1.0
     orthogonalize: bool = False
     guidance_rescale: float = 0.0  # the pipeline's own
+    # Per-step values (one per step), in place of layer / scales / rescale when given.
+    step_layers: Optional[Sequence[int]] = None
+    step_scales: Optional[Sequence[Sequence[float]]] = None
+    step_rescales: Optional[Sequence[float]] = None
+
+    def at(self, step: int) -> "Guidance":
+        """The plain values of one step."""
+        return replace(
+            self, step_layers=None, step_scales=None, step_rescales=None,
+            layer=self.layer if self.step_layers is None else self.step_layers[step],
+            scales=self.scales if self.step_scales is None else self.step_scales[step],
+            rescale=self.rescale if self.step_rescales is None else self.step_rescales[step])
+
+    def layers(self) -> List[int]:
+        return [self.layer] if self.step_layers is None else sorted(set(self.step_layers))
 
 
 def _pred(out):
@@ -52,9 +67,12 @@ def _with(out, new):
     return out
 
 
+SHARED = ("image_rotary_emb", "rotary_emb")  # per-position tables, not per-sample inputs (whatever their length)
+
+
 def _second_half(value, batch: int):
-    """The cond samples of a batched [uncond, cond] call: every tensor with `batch` rows, halved (the tiny
-    pipelines' rotary tables are never that long)."""
+    """The cond samples of a batched [uncond, cond] call: every tensor with `batch` rows, halved (rotary tables
+    passed as SHARED keyword arguments are left whole)."""
     if isinstance(value, torch.Tensor):
         return value[batch // 2:] if value.dim() and value.shape[0] == batch else value
     if isinstance(value, dict):
@@ -100,19 +118,22 @@ class ReferenceSampler:
     convention: "batched" ([uncond, cond] in one call; [cond] with CFG off) or "separate" (cond call, then
     uncond call). cfg_scale(step) -> g or None (CFG off). negative(kwargs) -> the cond call's kwargs with the
     negative conditioning (separate convention only). perturb(model_copy, mode, layer) patches a copy.
+    counter: a one-element list shared by the samplers of several denoisers that take turns in one loop (Wan 2.2's
+    experts), so that steps are counted over all their calls.
     """
 
     def __init__(self, model: nn.Module, gd: Guidance, n_steps: int, convention: str,
                  cfg_scale: Callable[[int], Any], perturb: Callable[[nn.Module, str, int], None],
-                 negative: Optional[Callable[[dict], dict]] = None):
+                 negative: Optional[Callable[[dict], dict]] = None, counter: Optional[List[int]] = None):
         self.model, self.gd, self.n_steps = model, gd, n_steps
         self.convention, self.cfg_scale, self.negative = convention, cfg_scale, negative
         self.weak = {}
         for mode in gd.modes:
-            weak = copy.deepcopy(model)
-            perturb(weak, mode, gd.layer)
-            self.weak[mode] = weak
-        self.calls = 0
+            for layer in gd.layers():
+                weak = copy.deepcopy(model)
+                perturb(weak, mode, layer)
+                self.weak[(mode, layer)] = weak
+        self.counter = [0] if counter is None else counter
         self.pending = None
         self.stock_forward = model.forward
         model.forward = self._forward
@@ -126,10 +147,11 @@ class ReferenceSampler:
     def _forward(self, *args, **kwargs):
         g_probe = self.cfg_scale(0)
         per_step = 2 if (self.convention == "separate" and g_probe is not None) else 1
-        call = self.calls
-        self.calls += 1
+        call = self.counter[0]
+        self.counter[0] += 1
         step = call // per_step
         g = self.cfg_scale(step)
+        gd = self.gd.at(step)
         out = self.stock_forward(*args, **kwargs)
         if not self._active(step):
             return out
@@ -140,16 +162,17 @@ class ReferenceSampler:
             # The perturbed branch runs on the cond samples alone: on batch 2B the model's fp32 arithmetic differs
             # from batch B by an ulp, which EDM samplers (SVD: sigma up to ~700) amplify past the tolerance.
             b = pred.shape[0] // 2
-            args, kwargs = _second_half(args, 2 * b), _second_half(kwargs, 2 * b)
-        ps = [_pred(weak(*args, **kwargs)) for weak in self.weak.values()]
+            args = _second_half(args, 2 * b)
+            kwargs = {k: v if k in SHARED else _second_half(v, 2 * b) for k, v in kwargs.items()}
+        ps = [_pred(self.weak[(mode, gd.layer)](*args, **kwargs)) for mode in gd.modes]
         if self.convention == "batched":
             if g is None:
-                return _with(out, formula(None, pred, ps, None, self.gd).to(pred.dtype))
-            f = formula(pred[:b], pred[b:], ps, g, self.gd).to(pred.dtype)
+                return _with(out, formula(None, pred, ps, None, gd).to(pred.dtype))
+            f = formula(pred[:b], pred[b:], ps, g, gd).to(pred.dtype)
             return _with(out, torch.cat([f, f]))
         if g is None:
-            return _with(out, formula(None, pred, ps, None, self.gd).to(pred.dtype))
+            return _with(out, formula(None, pred, ps, None, gd).to(pred.dtype))
         u = _pred(self.stock_forward(*args, **self.negative(kwargs)))
-        f = formula(u, pred, ps, g, self.gd).to(pred.dtype)
+        f = formula(u, pred, ps, g, gd).to(pred.dtype)
         self.pending = f
         return _with(out, f)
