@@ -12,13 +12,7 @@ VAE_OPTIONAL = {"mochi", "ltx", "cogvideox", "wan", "wan22", "skyreels_v2", "hun
 TEXT_FAMILIES = ("mochi", "ltx", "cogvideox", "wan", "wan22")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # As tests/models/conftest.py: tiny models run faster on one thread than on two busy cores.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from tests.models.conftest import one_thread  # noqa: F401,E402  (autouse: tiny models run faster on one thread)
 
 
 @pytest.fixture(scope="module")
