@@ -13,7 +13,7 @@ import os
 import shutil
 import warnings
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -69,14 +69,23 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["stg_ext", "stg_ext.kernels"],
+    packages=["stg_ext.kernels"] + find_packages(include=["stg_ext", "stg_ext.*"]),
     package_dir={"stg_ext": "stg_ext", "stg_ext.kernels": "kernels"},
+    # The paper's prompt lists, read by `stg-ext sweep --prompts` (stg_ext/cli/prompts.py).
+    package_data={"stg_ext": ["prompts/*.txt"]},
+    entry_points={"console_scripts": ["stg-ext = stg_ext.cli:run"]},
     install_requires=["torch>=2.6", "diffusers>=0.42,<0.43", "numpy"],
     extras_require={
         "triton": ["triton>=3.2"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=5,<6", "sentencepiece",
                  "protobuf", "accelerate"],
         "bench": ["matplotlib"],
+        # The command line: the demo's tiny text encoder (transformers), mp4 writing (imageio's ffmpeg plugin;
+        # imageio-ffmpeg ships the ffmpeg binary), the optical flow of `stg-ext sweep` (OpenCV Farneback) and its
+        # plot. Without the last three the CLI still runs: GIF instead of mp4, a normal-flow estimate instead of
+        # Farneback, no plot.
+        "cli": ["transformers>=5,<6", "imageio>=2.30", "imageio-ffmpeg>=0.5", "opencv-python-headless>=4.8",
+                "matplotlib"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

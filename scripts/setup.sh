@@ -11,5 +11,5 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 "${pip[@]}" install --upgrade pip "setuptools>=64" wheel
 "${pip[@]}" install "${STG_EXT_TORCH:-torch==2.13.0}"
 # --no-build-isolation: the C++ ops compile against the torch installed above.
-"${pip[@]}" install --no-build-isolation -e ".[test,triton,bench]"
+"${pip[@]}" install --no-build-isolation -e ".[test,triton,bench,cli]"
 .venv/bin/python -c "import stg_ext; print('stg_ext', stg_ext.__version__, 'backends:', stg_ext.available_backends())"
