@@ -2,6 +2,8 @@
 
 Columns: the "cpu" backend (C++ op), the eager PyTorch reference, torch.compile of the reference, and the
 memory-bound floor: one torch.add pass over the same number of bytes as one read of c, u, p and one write.
+The candidates are timed in turn, one call each per round, so that a load change on the machine hits all of
+them alike; `vs_compiled_iqr` is the interquartile range of the per-round ratios compiled / cpu.
 
     python benchmarks/bench_combine.py --out bench_out          # table on stdout, CSV (+ PNG if matplotlib)
     python benchmarks/bench_combine.py --quick                  # smaller repeat counts
@@ -11,7 +13,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
+import time
 from typing import Callable, Dict, List
 
 import torch
@@ -19,7 +23,7 @@ import torch
 import stg_ext
 from stg_ext.reference import combine_reference
 
-from _timing import median_seconds, write_csv
+from _timing import write_csv
 
 LATENT_SHAPES = {
     "mochi": (1, 12, 28, 60, 106),
@@ -61,18 +65,40 @@ def candidates(c, p, u) -> Dict[str, Callable[[], object]]:
     return out
 
 
+def interleaved_seconds(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int) -> Dict[str, List[float]]:
+    """Wall times of `repeats` rounds, each calling every candidate once, after `warmup` untimed rounds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def quartiles(xs: List[float]):
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    return q[0], q[2]
+
+
 def run(repeats: int) -> List[dict]:
     rows = []
     for model, shape in LATENT_SHAPES.items():
         for dname, dtype in DTYPES.items():
             c, p, u = make_latents(shape, dtype)
-            times = {name: median_seconds(fn, repeats, warmup=2) for name, fn in candidates(c, p, u).items()}
+            samples = interleaved_seconds(candidates(c, p, u), repeats, warmup=2)
+            times = {name: statistics.median(ts) for name, ts in samples.items()}
             row = {"model": model, "shape": "x".join(map(str, shape)), "dtype": dname,
                    "threads": torch.get_num_threads()}
             row.update({f"{k}_ms": round(v * 1e3, 3) for k, v in times.items()})
             if "stg_ext_cpu" in times:
                 row["speedup_vs_eager"] = round(times["eager_reference"] / times["stg_ext_cpu"], 2)
                 row["speedup_vs_compiled"] = round(times["compiled_reference"] / times["stg_ext_cpu"], 2)
+                lo, hi = quartiles([a / b for a, b in zip(samples["compiled_reference"], samples["stg_ext_cpu"])])
+                row["vs_compiled_iqr"] = f"{lo:.2f}-{hi:.2f}"
                 row["x_floor"] = round(times["stg_ext_cpu"] / times["torch_add_floor"], 2)
             rows.append(row)
             print(format_row(row), flush=True)
@@ -80,7 +106,7 @@ def run(repeats: int) -> List[dict]:
 
 
 COLUMNS = ["model", "dtype", "stg_ext_cpu_ms", "eager_reference_ms", "compiled_reference_ms", "torch_add_floor_ms",
-           "speedup_vs_eager", "speedup_vs_compiled", "x_floor"]
+           "speedup_vs_eager", "speedup_vs_compiled", "vs_compiled_iqr", "x_floor"]
 
 
 def format_row(row: dict) -> str:

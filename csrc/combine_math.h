@@ -68,15 +68,18 @@ STG_HD ElementTerms<F> element_terms(F c, F u, F g, F p0, F p1, const CombineSca
   const F base = s.has_uncond ? u + g * (c - u) : c;
   t.d0 = c - p0;
   t.d1 = s.two_perturbed ? c - p1 : F{};
-  t.a = base + s.stg0 * t.d0 + s.stg1 * t.d1;
-  t.b = (s.orthogonalize ? -s.stg1 : 0.0f) * t.d0;
+  // Absent terms are left out rather than added as 0 * x: the reference never adds them (a -0 stays -0,
+  // an infinite d0 does not become NaN), and a kernel whose flags are compile-time constants does no work.
+  t.a = base + s.stg0 * t.d0;
+  if (s.two_perturbed) t.a = t.a + s.stg1 * t.d1;
+  t.b = s.orthogonalize ? -s.stg1 * t.d0 : F{};
   return t;
 }
 
 // The value written for one element once alpha and the rescale factor of its sample are known.
 template <typename F>
 STG_HD F element_output(const ElementTerms<F>& t, F u, F g, float alpha, float factor, const CombineScalars& s) {
-  const F f = (t.a + alpha * t.b) * factor;
+  const F f = (s.orthogonalize ? t.a + alpha * t.b : t.a) * factor;
   // fold: c' = u + (f - u) / g, so that the pipeline's own u + g (c' - u) yields f.
   return s.fold ? u + (f - u) / g : f;
 }
@@ -98,19 +101,23 @@ STG_HD SampleShift sample_shift(float c0, const ElementTerms<float>& t0) {
 
 // Adds one element (or one vector of elements) to the nine per-sample sums, in CombineSum order,
 // shifted as described above. Scalar references rather than an array, so that they stay in registers.
-template <typename F, typename Acc>
+// Ortho = false (no orthogonalization: b = 0, alpha = 0) skips the five sums only alpha needs; they stay 0.
+template <bool Ortho = true, typename F, typename Acc>
 STG_HD void accumulate(F c, const ElementTerms<F>& t, const SampleShift& sh, Acc& sum_c, Acc& sum_c2, Acc& sum_a,
                        Acc& sum_a2, Acc& sum_b, Acc& sum_ab, Acc& sum_b2, Acc& dot_ts, Acc& dot_ss) {
-  const F dc = c - sh.c, da = t.a - sh.a, db = t.b - sh.b;
+  const F dc = c - sh.c, da = t.a - sh.a;
   sum_c += dc;
   sum_c2 += dc * dc;
   sum_a += da;
   sum_a2 += da * da;
-  sum_b += db;
-  sum_ab += da * db;
-  sum_b2 += db * db;
-  dot_ts += t.d1 * t.d0;
-  dot_ss += t.d0 * t.d0;
+  if (Ortho) {
+    const F db = t.b - sh.b;
+    sum_b += db;
+    sum_ab += da * db;
+    sum_b2 += db * db;
+    dot_ts += t.d1 * t.d0;
+    dot_ss += t.d0 * t.d0;
+  }
 }
 
 template <typename Acc>

@@ -6,9 +6,13 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <immintrin.h>
 #include <type_traits>
+#include <utility>
 
 #pragma GCC target("avx2,f16c")
+#define STG_EXT_F16C 1
+#define STG_EXT_VEC_IN_ONE_REGISTER 1
 #define STG_EXT_ISA avx2
 #include "combine_chunks.h"
 

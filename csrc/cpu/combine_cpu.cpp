@@ -1,9 +1,11 @@
 // CPU kernel of the guidance combination: one pass for the per-sample sums, one for the write.
 //
-// Threads split every sample into fixed chunks (so a batch of one still uses all cores); the chunk loops
-// (combine_chunks.h) come in a baseline and an AVX2 build, picked once at run time. Sums are fp32 within a
-// chunk and fp64 across chunks. Element types: float, c10::Half, c10::BFloat16 (math in fp32, one
-// rounding on store).
+// Every sample is split into fixed chunks, the work items of at::parallel_for (so a batch of one can use
+// all cores; note that at::parallel_for is inline and runs the items serially unless this file is compiled
+// with -fopenmp). The chunk loops (combine_chunks.h) come in baseline, AVX2 and AVX-512 builds, picked once
+// at run time; each reads its inputs once per pass in their own dtype and converts in registers. Sums are
+// fp32 within a chunk and fp64 across chunks, in a fixed order (deterministic for any thread count).
+// Element types: float, c10::Half, c10::BFloat16 (math in fp32, one rounding on store).
 #include "combine_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -87,7 +89,7 @@ void combine_kernel(const T* cond, const T* uncond, const float* cfg, const T* p
   const int64_t n = numel_per_sample;
   if (batch == 0 || n == 0) return;
   using S = typename Storage<T>::type;
-  const int key = (uncond ? 4 : 0) | (cfg ? 2 : 0) | (p1 ? 1 : 0);
+  const int key = (uncond ? 8 : 0) | (cfg ? 4 : 0) | (p1 ? 2 : 0) | (p1 && s.orthogonalize ? 1 : 0);
   const auto reduce = kernels_for<S>(chunk_table()).reduce[key];
   const auto write = kernels_for<S>(chunk_table()).write[key];
   auto raw = [](const T* p) { return reinterpret_cast<const S*>(p); };

@@ -17,7 +17,9 @@ struct BFloat16 {
   uint16_t bits;
 };
 
-// The 8 specializations (index HasU*4 + HasG*2 + Two) of the two loops for one element type.
+// Specializations of the two loops per element type: index HasU*8 + HasG*4 + Two*2 + Ortho.
+constexpr int kNumChunkVariants = 16;
+
 template <typename T>
 struct ChunkKernels {
   // Sums of elements [begin, end) of one sample into sums[kNumSums], shifted by the SampleShift.
@@ -26,8 +28,8 @@ struct ChunkKernels {
   // Writes elements [begin, end) of one sample, whose alpha and rescale factor are known.
   using Write = void (*)(const T* cond, const T* uncond, const float* cfg, const T* p0, const T* p1, T* out,
                          int64_t begin, int64_t end, float alpha, float factor, const CombineScalars& s);
-  Reduce reduce[8];
-  Write write[8];
+  Reduce reduce[kNumChunkVariants];
+  Write write[kNumChunkVariants];
 };
 
 struct ChunkTable {
