@@ -12,8 +12,9 @@ an uncond call):
 Ratios are step time / CFG step time. floor = (CFG step + the computed share of one batch-1 pass) / CFG step:
 STG_SPEC's 2 + (L - l)/L passes (STG-R: 2 + (L - l - 1)/L), with the passes as measured here (on a CPU a batch-2
 call costs less than two batch-1 calls, so for batched families the floor is above the pass-count
-`pass_floor_ratio`). Peak memory (--memory): each part runs in a fresh subprocess, which reports the growth of its
-peak resident set during one call, above its peak after the model and inputs were built.
+`pass_floor_ratio`). The parts are timed in rounds, one call of each per round (medians over the rounds).
+Peak memory (--memory): the peak of the tensor storages allocated during one call and alive at once (a
+TorchDispatchMode tracks them; weights and inputs are not counted).
 
     python benchmarks/bench_step_cost.py --out bench_out --memory   # table, CSV and PNG
     python benchmarks/bench_step_cost.py --quick                    # 1 repeat, 1 latent frame
@@ -21,19 +22,20 @@ peak resident set during one call, above its peak after the model and inputs wer
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
-import subprocess
-import sys
+import statistics
+import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import stg_ext
 
-from _timing import median_seconds, write_csv
+from _timing import write_csv
 
 CFG_SCALE = 4.5
 WIDTH_HEADS, HEAD_DIM = 4, 32  # width 128
@@ -186,49 +188,68 @@ def step_times(g: Geometry, mode: str, t: Dict[str, float]) -> Dict[str, Optiona
                 diffusers=None if slg is None else cfg + slg, floor=cfg + frac * t["pass1"])
 
 
-def _peak_kib() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of the tensor storages that the ops inside the mode allocate and that are alive at once (weights
+    and inputs made before are not counted): the step's transient memory, exactly, on any device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen: Dict[int, weakref.finalize] = {}
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self._seen.pop(key, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self._seen:
+                    self.live += storage.nbytes()
+                    self._seen[key] = weakref.finalize(storage, self._free, key, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
 
 
-def measure_memory_child(name: str, mode: str, part: str, frames: int) -> None:
-    """Runs in a fresh process: prints the peak-RSS growth (MiB) of one call of `part`."""
-    g = GEOMETRIES[name]
-    torch.manual_seed(0)
-    model = g.build().eval()
-    fn = part_fn(part, g, mode, model, frames)
-    base = _peak_kib()
-    fn()
-    print(json.dumps({"peak_mib": (_peak_kib() - base) / 1024}))
-
-
-def measure_memory(name: str, mode: str, part: str, frames: int) -> Optional[float]:
-    cmd = [sys.executable, __file__, "--memory-child", name, mode, part, str(frames)]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(__file__))
-    if out.returncode != 0:
-        print(f"memory of {name}/{mode}/{part} failed: {out.stderr.strip().splitlines()[-1:]}")
-        return None
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+def peak_mib(fn: Callable[[], object]) -> float:
+    with LiveTensorBytes() as mode:
+        fn()
+    return mode.peak / 2 ** 20
 
 
 def run(names: List[str], repeats: int, frames: int, memory: bool) -> List[dict]:
+    """Times every part of a (model, mode) in rounds, one call of each part per round (a load change on a shared
+    machine then hits all parts alike), and takes the median over the rounds after the first (warm-up)."""
     rows = []
     for name in names:
         g = GEOMETRIES[name]
         torch.manual_seed(0)
         model = g.build().eval()
         for mode in MODES:
-            t: Dict[str, float] = {}
-            for part in PARTS:
-                fn = None
-                try:
-                    fn = part_fn(part, g, mode, model, frames)
-                    t[part] = median_seconds(fn, repeats=repeats, warmup=1)
-                except Exception as exc:  # diffusers' layer skip does not run on every model
-                    print(f"{name}/{mode}/{part}: does not run ({type(exc).__name__}: {str(exc)[:100]})")
-                    _remove_diffusers_hooks(model)
-                finally:
-                    if fn is not None:
-                        fn.cleanup()
+            samples: Dict[str, List[float]] = {part: [] for part in PARTS}
+            peaks: Dict[str, float] = {}
+            for round_ in range(repeats + 1):
+                for part in list(samples):
+                    fn = None
+                    try:
+                        fn = part_fn(part, g, mode, model, frames)
+                        start = time.perf_counter()
+                        fn()
+                        if round_:
+                            samples[part].append(time.perf_counter() - start)
+                        elif memory:
+                            peaks[part] = peak_mib(fn)
+                    except Exception as exc:  # diffusers' layer skip does not run on every model
+                        print(f"{name}/{mode}/{part}: does not run ({type(exc).__name__}: {str(exc)[:100]})")
+                        del samples[part]
+                        _remove_diffusers_hooks(model)
+                    finally:
+                        if fn is not None:
+                            fn.cleanup()
+            t = {part: statistics.median(v) for part, v in samples.items()}
             steps = step_times(g, mode, t)
             row = dict(model=name, mode=mode, convention=g.convention, layers=g.n_layers, layer=g.layer,
                        frames=frames, cfg_ms=round(steps["cfg"] * 1e3, 1))
@@ -240,12 +261,12 @@ def run(names: List[str], repeats: int, frames: int, memory: bool) -> List[dict]
             row["pass_floor_ratio"] = round(1 + computed_fraction(g, mode) / 2, 3)
             row["sequential_vs_floor"] = round(steps["sequential"] / steps["floor"], 3)
             if memory:
-                cfg_part = "cfg_batched" if g.convention == "batched" else "pass1"
-                for variant, part in (("cfg", cfg_part), ("sequential", f"sequential_{g.convention}"),
-                                      ("naive", f"naive_{g.convention}")):
-                    part = part.replace("separate", "cond")
-                    mib = measure_memory(name, mode, part, frames)
-                    row[f"{variant}_peak_mib"] = None if mib is None else round(mib, 1)
+                # Transient tensor memory of one call (MiB): CFG's call, and the STG call (stock pass + perturbed
+                # branch + combine) of each strategy, in the family's convention.
+                conv = "batched" if g.convention == "batched" else "cond"
+                for variant, part in (("cfg", "cfg_batched" if conv == "batched" else "pass1"),
+                                      ("sequential", f"sequential_{conv}"), ("naive", f"naive_{conv}")):
+                    row[f"{variant}_peak_mib"] = round(peaks[part], 2) if part in peaks else None
             rows.append(row)
             print(_line(row), flush=True)
     return rows
@@ -291,16 +312,11 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench_out", help="folder for step_cost.csv and step_cost.png")
     parser.add_argument("--models", nargs="+", default=list(GEOMETRIES), choices=list(GEOMETRIES))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up round)")
     parser.add_argument("--frames", type=int, default=4, help="latent frames (each 16x16 tokens after patching)")
-    parser.add_argument("--memory", action="store_true", help="also measure peak memory (one subprocess per variant)")
+    parser.add_argument("--memory", action="store_true", help="also measure the peak transient tensor memory")
     parser.add_argument("--quick", action="store_true", help="1 repeat, 1 latent frame")
-    parser.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.memory_child:
-        name, mode, part, frames = args.memory_child
-        measure_memory_child(name, mode, part, int(frames))
-        return []
     if args.quick:
         args.repeats, args.frames = 1, 1
     rows = run(args.models, args.repeats, args.frames, args.memory)
