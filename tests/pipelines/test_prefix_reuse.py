@@ -125,3 +125,27 @@ def test_batched_strategy_joins_the_perturbed_rows(family, layer, cfg, rows, mod
         if mode == "residual" and k == layer:
             expected[0] = stock  # STG-R: the perturbed rows skip this block's body
         assert calls == expected, (k, calls)
+
+
+@pytest.mark.parametrize("family", ["mochi", "wan", "hunyuan_video"])
+def test_strategies_with_two_videos_per_call(family):
+    """Batch 2 per branch (two prompts): the cond half of [u0, u1, c0, c1] is two rows."""
+    tp = tiny_pipeline(family, vae=False)
+
+    def two_prompts():
+        kw = tp.call_kwargs(steps=2)
+        for k, v in list(kw.items()):
+            if isinstance(v, torch.Tensor) and ("embeds" in k or "mask" in k):
+                kw[k] = torch.cat([v, v.flip(-1) if v.is_floating_point() else v])
+        return kw
+
+    out = {}
+    for strategy in ("naive", "sequential", "batched"):
+        with stg_ext.apply_stg(tp.pipe, 1, "attention", scale=1.0, rescale=0.7, strategy=strategy):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out[strategy] = tp.pipe(**two_prompts()).frames
+    assert out["naive"].shape[0] == 2
+    scale = out["naive"].abs().max().item()
+    for strategy in ("sequential", "batched"):
+        assert (out[strategy] - out["naive"]).abs().max().item() <= TOL * scale
