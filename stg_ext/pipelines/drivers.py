@@ -143,12 +143,16 @@ class SeparateDriver:
         if call.role == "uncond":
             self.expect_uncond = None
             return self._uncond(call, call.forward(*call.args, **call.kwargs), step)
-        self.expect_uncond = step if call.cfg_scale is not None else None
-        self.pending = None
+        # Cleared first and set only once the cond call has returned: an exception (or Ctrl-C) inside it must not
+        # leave the next run's cond call taken for an uncond call.
+        self.expect_uncond, self.pending = None, None
         if call.settings is None:
-            return call.forward(*call.args, **call.kwargs)
-        with call.branch.reuse(call.settings.layer, halve=False, n_rows=_rows(call)):
-            return self._cond(call, step)
+            out = call.forward(*call.args, **call.kwargs)
+        else:
+            with call.branch.reuse(call.settings.layer, halve=False, n_rows=_rows(call)):
+                out = self._cond(call, step)
+        self.expect_uncond = step if call.cfg_scale is not None else None
+        return out
 
     def _cond(self, call: Call, step: int) -> Any:
         out = call.forward(*call.args, **call.kwargs)
@@ -159,8 +163,12 @@ class SeparateDriver:
             f = combine(c, _plist(ps), None, stg_scale=_scale_arg(s.scales), rescale=s.rescale,
                         orthogonalize=call.orthogonalize)
             return with_prediction(out, f)
-        if s.rescale != 0.0 and float(g) == 1.0:
-            raise ValueError("stg_ext: STG rescale with a separate-call CFG of scale 1 cannot be folded")
+        if float(g) == 1.0:
+            # The pipeline's line is u + 1 (c' - u) = c' (Wan 2.2's low-noise expert may run at scale 1): f does not
+            # depend on u.
+            f = combine(c, _plist(ps), None, stg_scale=_scale_arg(s.scales), rescale=s.rescale,
+                        orthogonalize=call.orthogonalize)
+            return with_prediction(out, f)
         # u + g (c' - u) = u + g (c - u) + s (c - p) for every u: c' = c + (s/g)(c - p).
         c_folded = combine(c, _plist(ps), None, stg_scale=_scale_arg([w / g for w in s.scales]),
                            orthogonalize=call.orthogonalize)

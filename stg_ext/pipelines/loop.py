@@ -10,21 +10,38 @@ from __future__ import annotations
 
 import inspect
 import sys
+from functools import lru_cache
 from types import CodeType
-from typing import Any, Dict, Optional
+from typing import Any, Dict, FrozenSet, Optional
+
+from torch import nn
 
 
-def _call_code(pipeline_cls: type) -> CodeType:
-    # __call__ is wrapped by torch.no_grad() (functools.wraps keeps __wrapped__).
-    return inspect.unwrap(pipeline_cls.__call__).__code__
+@lru_cache(maxsize=None)
+def _call_codes(cls: type) -> FrozenSet[CodeType]:
+    """The code of every `__call__` defined along a pipeline class's hierarchy (a user subclass may wrap the stock
+    `__call__`; the loop runs in the stock one). __call__ is wrapped by torch.no_grad() (functools.wraps keeps
+    __wrapped__)."""
+    return frozenset(inspect.unwrap(c.__dict__["__call__"]).__code__ for c in cls.__mro__ if "__call__" in c.__dict__)
+
+
+def _is_pipeline(obj: Any) -> bool:
+    return hasattr(obj, "components") and not isinstance(obj, nn.Module)
 
 
 def pipeline_locals(pipe: Any) -> Optional[Dict[str, Any]]:
-    """The local variables of `pipe.__call__` if it is on the stack (the innermost such call), else None."""
-    code = _call_code(type(pipe))
+    """The local variables of the innermost pipeline `__call__` on the stack that runs a denoising loop, if that
+    call is `pipe`'s; else None (not in a loop, or in another pipeline's call, e.g. one sharing the denoiser and
+    run from `pipe`'s step callback)."""
     frame = sys._getframe(1)
     while frame is not None:
-        if frame.f_code is code and frame.f_locals.get("self") is pipe:
-            return frame.f_locals
+        if frame.f_code.co_name == "__call__":
+            owner = frame.f_locals.get("self")
+            if _is_pipeline(owner) and frame.f_code in _call_codes(type(owner)):
+                if owner is not pipe:
+                    return None
+                local = frame.f_locals
+                if "i" in local:
+                    return local
         frame = frame.f_back
     return None

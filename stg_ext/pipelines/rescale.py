@@ -41,24 +41,29 @@ def _wrapper(module_name: str, original: Callable) -> Callable:
     return rescale_noise_cfg
 
 
+def _modules(session: Any) -> List[str]:
+    """The modules of the pipeline's class hierarchy (a user subclass runs the stock class's loop)."""
+    return list(dict.fromkeys(cls.__module__ for cls in type(session.owner).__mro__))
+
+
 def attach(session: Any) -> None:
     if session.convention != "batched":
         return
-    name = type(session.owner).__module__
-    module = sys.modules.get(name)
-    if module is None or not callable(getattr(module, FUNCTION, None)):
-        return
-    if name not in _ORIGINALS:
-        _ORIGINALS[name] = getattr(module, FUNCTION)
-        setattr(module, FUNCTION, _wrapper(name, _ORIGINALS[name]))
-    _SESSIONS.setdefault(name, []).append(session)
+    for name in _modules(session):
+        module = sys.modules.get(name)
+        if module is None or not callable(getattr(module, FUNCTION, None)):
+            continue
+        if name not in _ORIGINALS:
+            _ORIGINALS[name] = getattr(module, FUNCTION)
+            setattr(module, FUNCTION, _wrapper(name, _ORIGINALS[name]))
+        _SESSIONS.setdefault(name, []).append(session)
 
 
 def detach(session: Any) -> None:
-    name = type(session.owner).__module__
-    sessions = _SESSIONS.get(name, [])
-    if session in sessions:
-        sessions.remove(session)
-    if not sessions and name in _ORIGINALS:
-        setattr(sys.modules[name], FUNCTION, _ORIGINALS.pop(name))
-        _SESSIONS.pop(name, None)
+    for name in _modules(session):
+        sessions = _SESSIONS.get(name, [])
+        if session in sessions:
+            sessions.remove(session)
+        if not sessions and name in _ORIGINALS:
+            setattr(sys.modules[name], FUNCTION, _ORIGINALS.pop(name))
+            _SESSIONS.pop(name, None)

@@ -178,7 +178,12 @@ def apply_to_pipeline(pipe: Any, config: STGConfig) -> GuidanceSession:
     if spec.convention == "guider":
         # The pipeline combines its predictions with a diffusers guider: STG becomes that guider (spec.attach).
         return spec.attach(pipe, config)
-    denoisers = {name: getattr(pipe, name) for name in spec.denoisers if getattr(pipe, name, None) is not None}
+    denoisers = {}
+    for name in spec.denoisers:
+        model = getattr(pipe, name, None)
+        # One session per module: a pipeline may hold the same module under two names (Wan 2.2's experts).
+        if model is not None and all(model is not other for other in denoisers.values()):
+            denoisers[name] = model
     if not denoisers:
         raise TypeError(f"stg_ext.apply_stg: {type(pipe).__name__} has no denoiser loaded ({', '.join(spec.denoisers)})")
 
