@@ -73,8 +73,18 @@ class PipelineSpec:
 @register_pipeline
 class MochiLTXSpec(PipelineSpec):
     pipeline_classes = ("MochiPipeline", "LTXPipeline", "LTXImageToVideoPipeline", "LTXConditionPipeline",
-                        "LTXI2VLongMultiPromptPipeline", "EasyAnimatePipeline", "EasyAnimateControlPipeline",
+                        "EasyAnimatePipeline", "EasyAnimateControlPipeline",
                         "EasyAnimateInpaintPipeline", "AllegroPipeline", "LattePipeline")
+
+
+@register_pipeline
+class LTXLongSpec(PipelineSpec):
+    # Denoises window after window, each over `scheduler.timesteps[:-1]`: N is that loop's length (its
+    # `_num_timesteps` counts one more step than the loop runs).
+    pipeline_classes = ("LTXI2VLongMultiPromptPipeline",)
+
+    def step(self, pipe: Any, loop: Mapping[str, Any]) -> Tuple[int, int]:
+        return int(loop["i"]), len(pipe.scheduler.timesteps) - 1
 
 
 @register_pipeline
