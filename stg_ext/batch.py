@@ -9,13 +9,14 @@ from torch import nn
 from .adapters.base import ModelAdapter, _PARAMS, read_signature
 
 
-def _take(value: Any, batch: int, half: slice) -> Any:
+def take(value: Any, batch: int, rows: slice) -> Any:
+    """`rows` of every tensor in `value` (nested tuples, lists, dicts) whose batch dimension is `batch`."""
     if isinstance(value, torch.Tensor):
-        return value[half] if value.dim() > 0 and value.shape[0] == batch else value
+        return value[rows] if value.dim() > 0 and value.shape[0] == batch else value
     if isinstance(value, dict):
-        return {k: _take(v, batch, half) for k, v in value.items()}
+        return {k: take(v, batch, rows) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
-        return type(value)(_take(v, batch, half) for v in value)
+        return type(value)(take(v, batch, rows) for v in value)
     return value
 
 
@@ -35,7 +36,7 @@ def take_rows(module: nn.Module, shared: Sequence[str], args: tuple, kwargs: dic
               ) -> Tuple[tuple, dict]:
     """The call arguments of `rows` of a call on `batch` samples: every per-sample tensor (batch dimension
     `batch`) is sliced, a view, no copy."""
-    return map_per_sample(module, shared, args, kwargs, lambda v: _take(v, batch, rows))
+    return map_per_sample(module, shared, args, kwargs, lambda v: take(v, batch, rows))
 
 
 def cond_half(module: nn.Module, adapter: ModelAdapter, args: tuple, kwargs: dict, batch: int

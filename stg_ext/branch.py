@@ -23,7 +23,7 @@ from torch import nn
 
 from .adapters import get_adapter
 from .adapters.base import ModelAdapter, argument, read_signature
-from .batch import cond_half, map_per_sample
+from .batch import cond_half, map_per_sample, take
 from .config import LayerSpec
 from .hooks import PerturbationState, install, uninstall
 from .weak import check_mode, install_layer_hooks, resolve_layers, unwrap
@@ -47,16 +47,20 @@ class PrefixState:
     stash: Optional[Tuple[tuple, dict]] = None
 
 
-class PrefixHook(ModelHook):
-    """On every block, in execution order `index`: stash / skip / replay as the shared state says."""
+class _BlockHook(ModelHook):
+    """A hook on block `index` (execution order) that acts as a state shared by all blocks says."""
 
-    def __init__(self, adapter: ModelAdapter, state: PrefixState, index: int):
+    def __init__(self, adapter: ModelAdapter, state: Any, index: int):
         super().__init__()
         self.adapter, self.state, self.index = adapter, state, index
 
     def initialize_hook(self, module: nn.Module) -> nn.Module:
-        read_signature(module)
+        read_signature(module)  # now, not while torch.compile traces a call
         return module
+
+
+class PrefixHook(_BlockHook):
+    """Stash / skip / replay as the shared PrefixState says."""
 
     def new_forward(self, module: nn.Module, *args, **kwargs) -> Any:
         state, forward = self.state, self.fn_ref.original_forward
@@ -87,20 +91,12 @@ class JoinState:
     out: Any = None             # the perturbed rows of the last block's output
 
 
-class JoinHook(ModelHook):
+class JoinHook(_BlockHook):
     """On every block, in execution order `index`. In the joined stock call, block `start` receives the n stock
     rows and widens its inputs with a copy of the cond rows (the perturbed samples); later blocks receive the
     widened streams from their predecessor and get their per-call tensors (temb, text, masks) widened; the last
     block hands the stock rows back to the model and keeps the perturbed rows for the head pass, in which every
     block returns at once and the last one returns them."""
-
-    def __init__(self, adapter: ModelAdapter, state: JoinState, index: int):
-        super().__init__()
-        self.adapter, self.state, self.index = adapter, state, index
-
-    def initialize_hook(self, module: nn.Module) -> nn.Module:
-        read_signature(module)
-        return module
 
     def _widen(self, value: Any) -> Any:
         state = self.state
@@ -129,17 +125,9 @@ class JoinHook(ModelHook):
         out = forward(*args, **kwargs)
         if self.index == state.last:
             total = state.n + (state.n // 2 if state.halve else state.n)
-            state.out = _rows_of(out, total, slice(state.n, total))
-            out = _rows_of(out, total, slice(0, state.n))
+            state.out = take(out, total, slice(state.n, total))
+            out = take(out, total, slice(0, state.n))
         return out
-
-
-def _rows_of(out: Any, batch: int, rows: slice) -> Any:
-    if isinstance(out, torch.Tensor):
-        return out[rows] if out.dim() and out.shape[0] == batch else out
-    if isinstance(out, (tuple, list)):
-        return type(out)(_rows_of(o, batch, rows) for o in out)
-    return out
 
 
 class PerturbedBranch:
@@ -192,9 +180,6 @@ class PerturbedBranch:
         except Exception:
             self.remove()
             raise
-
-    def layer_indices(self, spec: LayerSpec) -> List[int]:
-        return self._layers[_key(spec)]
 
     @contextmanager
     def live(self, mode: str, spec: LayerSpec) -> Iterator[None]:

@@ -14,6 +14,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from .adapters.base import AttentionTarget, ModelAdapter, argument, read_signature
+from .batch import cat_rows, take_rows
 from .identity_attention import IdentityAttentionMode
 
 SKIP_HOOK = "stg_ext.skip_block"
@@ -100,8 +101,6 @@ def split_call(module: nn.Module, shared: Tuple[str, ...], args: tuple, kwargs: 
                stock, perturbed) -> Any:
     """A call on a joined batch: the rows before `rows` run `stock`, `rows` run `perturbed`; the outputs are
     joined again in the module's own return structure."""
-    from .batch import cat_rows, take_rows
-
     n = argument(module, args, kwargs, "hidden_states").shape[0]
     head = take_rows(module, shared, args, kwargs, n, slice(0, rows.start))
     tail = take_rows(module, shared, args, kwargs, n, rows)

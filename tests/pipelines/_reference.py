@@ -16,8 +16,8 @@ call computes u itself by calling the stock model with the negative conditioning
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 from torch import nn

@@ -10,7 +10,7 @@ import math
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict
 
 import pytest
 import torch
