@@ -21,7 +21,7 @@ from typing import Callable, Dict, List
 import torch
 
 import stg_ext
-from stg_ext.reference import combine_reference
+from stg_ext.ops.reference import combine_reference
 
 from _timing import write_csv
 

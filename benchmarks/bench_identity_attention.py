@@ -2,8 +2,8 @@
 
 Columns (median ms per call):
   stg_ext_cpu        the "cpu" backend (C++ op): the N video queries, each against itself and the T text keys;
-  eager_reference    stg_ext.reference.identity_joint_attention_reference on the same inputs;
-  joint_path         stg_ext.identity_attention.joint_identity_sdpa: what the patched model runs for the whole
+  eager_reference    stg_ext.ops.reference.identity_joint_attention_reference on the same inputs;
+  joint_path         stg_ext.weak.identity_attention.joint_identity_sdpa: what the patched model runs for the whole
                      joint sequence (the op for the video queries + SDPA for the T text queries);
   sdpa_full_masked   what the model would do without the op: F.scaled_dot_product_attention over the joint
                      [video; text] sequence with a boolean mask (video rows: self + text keys; text rows: all),
@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 import stg_ext
-from stg_ext.adapters.base import JointLayout
-from stg_ext.identity_attention import joint_identity_sdpa
-from stg_ext.reference import identity_joint_attention_reference
+from stg_ext.weak.adapters.base import JointLayout
+from stg_ext.weak.identity_attention import joint_identity_sdpa
+from stg_ext.ops.reference import identity_joint_attention_reference
 
 from _timing import median_seconds, write_csv
 

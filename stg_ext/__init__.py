@@ -1,9 +1,9 @@
 """stg_ext: Spatiotemporal Skip Guidance (STG) for diffusers video pipelines, with fused kernels."""
-from .config import STGConfig, per_step
-from .guider import STGGuidance
+from .guidance.config import STGConfig, per_step
+from .guidance.guider import STGGuidance
 from .ops import available_backends, combine, identity_joint_attention
-from .restart import RestartHandle, apply_restart, remove_restart
-from .weak import STGHandle, perturbed, resolve_layers
+from .guidance.restart import RestartHandle, apply_restart, remove_restart
+from .weak.model import STGHandle, perturbed, resolve_layers
 
 __version__ = "0.1.0"
 
@@ -27,7 +27,7 @@ def apply_stg(target, layer, mode="attention", *, scale=1.0, rescale=0.0, start=
     """
     from torch import nn
 
-    from .pipelines import apply_to_pipeline, is_pipeline
+    from .guidance import apply_to_pipeline, is_pipeline
 
     guidance = dict(scale=scale, rescale=rescale, start=start, stop=stop, orthogonalize=orthogonalize,
                     strategy=strategy)
@@ -43,11 +43,11 @@ def apply_stg(target, layer, mode="attention", *, scale=1.0, rescale=0.0, start=
             raise TypeError("stg_ext.apply_stg: on a bare denoiser, guidance options (scale, rescale, start, stop, "
                             "orthogonalize) need cfg_scale= (a float, a tensor, or None for STG alone); without it "
                             "apply_stg installs the weak model only")
-        from .weak import install_perturbation
+        from .weak.model import install_perturbation
 
         remove_stg(target)
         return install_perturbation(target, layer, mode)
-    from .pipelines.manual import apply_to_denoiser
+    from .guidance.manual import apply_to_denoiser
 
     remove_stg(target)
     return apply_to_denoiser(target, STGConfig(layer, mode, **guidance), cfg_scale)
@@ -55,9 +55,9 @@ def apply_stg(target, layer, mode="attention", *, scale=1.0, rescale=0.0, start=
 
 def remove_stg(target) -> None:
     """Removes whatever stg_ext installed on a pipeline or a denoiser (no-op when nothing is installed)."""
-    from .pipelines import is_pipeline, remove_from_pipeline
-    from .pipelines.session import remove_from_model
-    from .weak import remove_stg as remove_weak
+    from .guidance import is_pipeline, remove_from_pipeline
+    from .guidance.session import remove_from_model
+    from .weak.model import remove_stg as remove_weak
 
     if is_pipeline(target):
         remove_from_pipeline(target)

@@ -14,9 +14,9 @@ _SCRIPT = """
 import os
 os.environ.pop("TRITON_INTERPRET", None)
 import torch, stg_ext
-from stg_ext import ops
+from stg_ext.ops import backends
 from torch._dynamo.backends.common import aot_autograd
-ops._triton_runs_on = lambda device: True  # pretend the CPU tensors are on a GPU
+backends.triton_runs_on = lambda device: True  # pretend the CPU tensors are on a GPU
 graphs = []
 class NotRun(Exception):
     pass

@@ -126,7 +126,7 @@ def test_generate_compare(tmp_path, capsys):
 
 
 def test_generate_loads_a_pipeline_folder_through_from_pretrained(tmp_path, capsys):
-    from stg_ext.tiny import tiny_pipeline
+    from stg_ext.testing.tiny import tiny_pipeline
 
     folder = tmp_path / "tiny-wan"
     tiny_pipeline("wan", text_encoder=True).pipe.save_pretrained(folder)
@@ -223,7 +223,7 @@ def test_weak_predictions_follow_the_guidance_lines(family):
     from stg_ext.cli.commands.weak import weak_predictions
     from stg_ext.cli.loading import LoadOptions, load_model
     from stg_ext.cli.render import STGSettings
-    from stg_ext.tiny import CFG_SCALE
+    from stg_ext.testing.tiny import CFG_SCALE
 
     model = load_model(f"tiny:{family}", LoadOptions(progress=False, threads=torch.get_num_threads()))
     results = weak_predictions(model, lambda: model.call_kwargs(prompt="a dog", seed=1, steps=4), 2,

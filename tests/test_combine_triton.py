@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import stg_ext  # noqa: E402
-from stg_ext.reference import combine_reference  # noqa: E402
+from stg_ext.ops.reference import combine_reference  # noqa: E402
 
 from ._triton_trace import trace_without_interpreter  # noqa: E402
 

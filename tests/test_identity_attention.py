@@ -19,7 +19,8 @@ from stg_ext import identity_joint_attention  # noqa: E402
 
 from ._triton_trace import trace_without_interpreter  # noqa: E402
 from stg_ext import ops  # noqa: E402
-from stg_ext.reference import identity_joint_attention_reference  # noqa: E402
+from stg_ext.ops import joint_attention  # noqa: E402
+from stg_ext.ops.reference import identity_joint_attention_reference  # noqa: E402
 
 from ._tolerances import TOLERANCES, assert_close  # noqa: E402
 
@@ -175,8 +176,8 @@ def test_non_contiguous_inputs(backend, dtype):
 @pytest.mark.skipif("cpu" not in COMPILED, reason="stg_ext._C did not build")
 def test_auto_picks_the_cpu_kernel_and_torch_for_float64():
     q, k, v, kt, vt, tb = make_inputs((1, 2, 8, 16, 3), torch.float32, "B1NT")
-    assert ops._resolve_attention_backend("auto", q) == "cpu"
-    assert ops._resolve_attention_backend("auto", q.double()) == "torch"
+    assert joint_attention.resolve_attention_backend("auto", q) == "cpu"
+    assert joint_attention.resolve_attention_backend("auto", q.double()) == "torch"
     auto = identity_joint_attention(q, k, v, kt, vt, text_bias=tb)
     assert torch.equal(auto, identity_joint_attention(q, k, v, kt, vt, text_bias=tb, backend="cpu"))
     d = [t.double() for t in (q, k, v, kt, vt)]
@@ -321,9 +322,9 @@ def test_torch_compile_traces_triton_kernel_without_interpreter():
 
 
 def test_joint_identity_sdpa_uses_the_op():
-    # The model-side caller (stg_ext.identity_attention) with a boolean SDPA mask over [video; text].
-    from stg_ext.adapters.base import JointLayout
-    from stg_ext.identity_attention import joint_identity_sdpa
+    # The model-side caller (stg_ext.weak.identity_attention) with a boolean SDPA mask over [video; text].
+    from stg_ext.weak.adapters.base import JointLayout
+    from stg_ext.weak.identity_attention import joint_identity_sdpa
 
     B, H, N, T, D = 1, 2, 30, 6, 16
     gen = torch.Generator().manual_seed(3)

@@ -1,10 +1,10 @@
-"""stg_ext.tiny: every family's stock pipeline assembles offline and runs deterministically on the CPU."""
+"""stg_ext.testing.tiny: every family's stock pipeline assembles offline and runs deterministically on the CPU."""
 import numpy as np
 import pytest
 import torch
 
 import stg_ext
-from stg_ext.tiny import FAMILIES, TinyPipeline, tiny_pipeline
+from stg_ext.testing.tiny import FAMILIES, TinyPipeline, tiny_pipeline
 
 # Pipelines that run without a VAE for latent output (the others keep it with vae=False: they encode an image or
 # read vae.config even then).
@@ -67,7 +67,7 @@ def test_data_matches_the_denoisers(pipelines, family):
     tp = pipelines(family)
     for attr in tp.denoiser_attrs:
         model = getattr(tp.pipe, attr)
-        assert len(stg_ext.adapters.get_adapter(model).layers(model)) == tp.num_layers
+        assert len(stg_ext.weak.adapters.get_adapter(model).layers(model)) == tp.num_layers
     assert type(tp.pipe).__module__.startswith("diffusers.pipelines."), "not the stock pipeline class"
 
 

@@ -5,7 +5,7 @@ from diffusers import WanTransformer3DModel
 from torch import nn
 
 import stg_ext
-from stg_ext.adapters import supported_models
+from stg_ext.weak.adapters import supported_models
 
 from .models.test_wan import WAN
 from .models._harness import run

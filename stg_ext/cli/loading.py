@@ -3,7 +3,7 @@
 MODEL is
 - a Hugging Face hub id (`genmo/mochi-1-preview`) or a local folder holding a diffusers pipeline
   (`model_index.json`), loaded with the stock `DiffusionPipeline.from_pretrained`;
-- `tiny:<family>` (e.g. `tiny:wan`): a tiny random-weight pipeline of that family from `stg_ext.tiny`, built
+- `tiny:<family>` (e.g. `tiny:wan`): a tiny random-weight pipeline of that family from `stg_ext.testing.tiny`, built
   in memory. It is the same stock pipeline class as the real model, so the demo and the tests run the code
   path real models run, offline and in seconds (its videos are noise: the weights are random).
 """
@@ -43,7 +43,7 @@ class Model:
     name: str
     pipe: Any
     device: str
-    tiny: Any = None  # the stg_ext.tiny.TinyPipeline for `tiny:<family>`, else None
+    tiny: Any = None  # the stg_ext.testing.tiny.TinyPipeline for `tiny:<family>`, else None
     progress: bool = True  # show the pipeline's progress bars
     _params: Dict[str, inspect.Parameter] = field(default_factory=dict, repr=False)
     _told_no_prompt: bool = field(default=False, repr=False)
@@ -70,7 +70,7 @@ class Model:
 
     def denoisers(self) -> Dict[str, torch.nn.Module]:
         """The pipeline's denoiser modules STG patches, by attribute name."""
-        from ..pipelines import specs
+        from ..guidance import specs
 
         try:
             names = specs.get_spec(self.pipe).denoisers
@@ -83,7 +83,7 @@ class Model:
 
     def num_layers(self) -> int:
         """STG layers of the (first) denoiser, as stg_ext addresses them."""
-        from ..adapters import get_adapter
+        from ..weak.adapters import get_adapter
 
         model = next(iter(self.denoisers().values()))
         try:
@@ -92,7 +92,7 @@ class Model:
             raise CLIError(one_line(e)) from None
 
     def convention(self) -> str:
-        from ..pipelines import specs
+        from ..guidance import specs
 
         return specs.get_spec(self.pipe).convention
 
@@ -200,7 +200,7 @@ def load_model(spec: str, options: Optional[LoadOptions] = None) -> Model:
 
 
 def _load_tiny(spec: str) -> Model:
-    from ..tiny import FAMILIES, tiny_pipeline
+    from ..testing.tiny import FAMILIES, tiny_pipeline
 
     family = spec[len(TINY_PREFIX):]
     if family not in FAMILIES:

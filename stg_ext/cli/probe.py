@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import torch
 
 from .errors import CLIError, UsageError
-from ..pipelines.drivers import prediction, with_prediction
+from ..guidance.drivers import prediction, with_prediction
 from .render import STGSettings, stg_applied
 from .video import to_uint8_frames
 from .x0 import predict_x0

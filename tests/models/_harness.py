@@ -164,7 +164,7 @@ class WeakModelTests:
         if self.case.layer_paths is not None:
             with stg_ext.perturbed(model, self.case.layer_paths(n - 1), mode):
                 assert torch.equal(run(model, inputs), last)
-        assert len(stg_ext.resolve_layers(stg_ext.adapters.get_adapter(model), model, list(range(n)))) == n
+        assert len(stg_ext.resolve_layers(stg_ext.weak.adapters.get_adapter(model), model, list(range(n)))) == n
 
     def test_bad_input_is_named(self, model):
         n = self.case.n_layers

@@ -8,7 +8,7 @@ from diffusers import CosmosTransformer3DModel
 from diffusers.models.normalization import RMSNorm
 from torch.overrides import TorchFunctionMode
 
-from stg_ext.adapters import get_adapter
+from stg_ext.weak.adapters import get_adapter
 
 from ._harness import ModelCase, WeakModelTests, run, value_identity
 

@@ -55,7 +55,7 @@ class TestHunyuanVideo(WeakModelTests):
         return [0, 1, 2, 3]  # both dual and both single blocks
 
     def test_two_lists_in_execution_order(self, model):
-        adapter = stg_ext.adapters.get_adapter(model)
+        adapter = stg_ext.weak.adapters.get_adapter(model)
         for i in range(4):
             assert [lay.index for lay in stg_ext.resolve_layers(adapter, model, path(i))] == [i]
             assert stg_ext.resolve_layers(adapter, model, i)[0].modules == (block(model, i),)

@@ -70,7 +70,7 @@ class TestLatte(FactorizedWeakModelTests):
     )
 
     def test_either_block_path_names_the_layer(self, model, inputs):
-        adapter = stg_ext.adapters.get_adapter(model)
+        adapter = stg_ext.weak.adapters.get_adapter(model)
         for i in range(N_LAYERS):
             by_spatial = stg_ext.resolve_layers(adapter, model, f"transformer_blocks.{i}")
             by_temporal = stg_ext.resolve_layers(adapter, model, f"temporal_transformer_blocks.{i}")
@@ -100,7 +100,7 @@ class TestLatte(FactorizedWeakModelTests):
         # adapter must take the exact interception path for that module.
         odd = copy.deepcopy(model)
         odd.temporal_transformer_blocks[2].attn1.rescale_output_factor = 2.0
-        adapter = stg_ext.adapters.get_adapter(odd)
+        adapter = stg_ext.weak.adapters.get_adapter(odd)
         targets = adapter.attention_targets(adapter.layers(odd)[2], "attention")
         assert [t.value_only is None for t in targets] == [False, True]
         with stg_ext.perturbed(odd, 2, "temporal"):
@@ -118,7 +118,7 @@ class TestLatte(FactorizedWeakModelTests):
         # The first perturbed call is the one at risk: start with no signature cached for the blocks.
         from diffusers.models.attention import BasicTransformerBlock
 
-        from stg_ext.adapters import base
+        from stg_ext.weak.adapters import base
 
         monkeypatch.delitem(base._PARAMS, BasicTransformerBlock, raising=False)
         torch.manual_seed(0)

@@ -77,7 +77,7 @@ class TestSVD(WeakModelTests):
         return run(ref, inputs)
 
     def test_layers_are_in_execution_order(self, model, inputs):
-        adapter = stg_ext.adapters.get_adapter(model)
+        adapter = stg_ext.weak.adapters.get_adapter(model)
         layers = stg_ext.resolve_layers(adapter, model, list(range(N_LAYERS)))
         assert [lay.paths for lay in layers] == [(p,) for p in SVD_PATHS]
         assert layers[6].paths == ("mid_block.attentions.0",)
@@ -140,6 +140,6 @@ class TestSVD(WeakModelTests):
         small = UNetSpatioTemporalConditionModel(**SVD_MID_ONLY).eval()
         torch.manual_seed(1)
         small_inputs = self.case.inputs()
-        layers = stg_ext.adapters.get_adapter(small).layers(small)
+        layers = stg_ext.weak.adapters.get_adapter(small).layers(small)
         assert [lay.paths for lay in layers] == [("mid_block.attentions.0",)]
         super().test_compiled_model(small, small_inputs)

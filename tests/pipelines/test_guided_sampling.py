@@ -1,6 +1,6 @@
 """apply_stg on stock pipelines (issue 4): final latents against the independent reference of _reference.py.
 
-Tiny random pipelines from stg_ext.tiny, prompt embeddings passed in, CPU, fp32, 3 steps, output_type="latent".
+Tiny random pipelines from stg_ext.testing.tiny, prompt embeddings passed in, CPU, fp32, 3 steps, output_type="latent".
 Tolerance: max abs diff <= 1e-4 x max|latents| (the reference computes in float64). SVD runs in float64 (see the
 fixture).
 """
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import stg_ext
-from stg_ext.tiny import tiny_pipeline
+from stg_ext.testing.tiny import tiny_pipeline
 # Modules, not the classes: a Test* class imported here would be collected (and run) again.
 from tests.models import test_cogvideox, test_hunyuan_video, test_latte, test_ltx, test_mochi, test_svd, test_wan
 

@@ -1,4 +1,4 @@
-"""STG as a diffusers guider (stg_ext.guider.STGGuidance): HunyuanVideo 1.5 through apply_stg, a Wan modular
+"""STG as a diffusers guider (stg_ext.guidance.guider.STGGuidance): HunyuanVideo 1.5 through apply_stg, a Wan modular
 pipeline with the guider set by hand, and the guider protocol itself.
 
 The HunyuanVideo 1.5 reference is the stock pipeline with a plain guider: a ClassifierFreeGuidance subclass
@@ -16,8 +16,8 @@ from diffusers.guiders import ClassifierFreeGuidance, SkipLayerGuidance
 from diffusers.guiders.guider_utils import GuiderOutput
 
 import stg_ext
-from stg_ext.guider import STGGuidance
-from stg_ext.tiny import CFG_SCALE, tiny_pipeline
+from stg_ext.guidance.guider import STGGuidance
+from stg_ext.testing.tiny import CFG_SCALE, tiny_pipeline
 # Modules, not the classes: a Test* class imported here would be collected (and run) again.
 from tests.models import test_hunyuan_video15, test_wan
 

@@ -9,7 +9,7 @@
   offloading (accelerate's model offload, diffusers' group offload), diffusers' First Block Cache, and the
   bare-denoiser mode for custom loops.
 
-Tiny random pipelines from stg_ext.tiny, CPU, fp32, 3 steps, latent output; tolerance as test_guided_sampling.
+Tiny random pipelines from stg_ext.testing.tiny, CPU, fp32, 3 steps, latent output; tolerance as test_guided_sampling.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import stg_ext
-from stg_ext.tiny import CFG_SCALE, tiny_pipeline
+from stg_ext.testing.tiny import CFG_SCALE, tiny_pipeline
 # Modules, not the classes: a Test* class imported here would be collected (and run) again.
 from tests.models import test_allegro, test_easyanimate, test_ltx, test_wan
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import stg_ext
-from stg_ext.adapters import get_adapter
-from stg_ext.tiny import FAMILIES, tiny_pipeline
+from stg_ext.weak.adapters import get_adapter
+from stg_ext.testing.tiny import FAMILIES, tiny_pipeline
 
 TOL = 1e-5
 # A middle layer of each tiny denoiser (hunyuan_video: 2 dual + 2 single blocks, index 3 is single-stream).

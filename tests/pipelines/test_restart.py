@@ -1,6 +1,6 @@
-"""STG with Restart (Algorithm 3, stg_ext.restart) on stock pipelines and bare schedulers.
+"""STG with Restart (Algorithm 3, stg_ext.guidance.restart) on stock pipelines and bare schedulers.
 
-Tiny random pipelines from stg_ext.tiny (CPU, fp32, 4 steps, output_type="latent"): Wan (flow matching), SVD
+Tiny random pipelines from stg_ext.testing.tiny (CPU, fp32, 4 steps, output_type="latent"): Wan (flow matching), SVD
 (EDM Euler, v-prediction), CogVideoX (CogVideoXDDIMScheduler, VP). The references are hand-written loops that call
 the denoiser directly, the scheduler's own `scale_model_input` / `step` at an explicitly set step index, and the
 re-noising formulas written out here again; tolerance max abs diff <= 1e-4 x max|latents|.
@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import stg_ext
-from stg_ext.restart import SUPPORTED_SCHEDULERS, apply_restart, loop_step, remove_restart, restart_plan
-from stg_ext.tiny import tiny_pipeline
+from stg_ext.guidance.restart import SUPPORTED_SCHEDULERS, apply_restart, loop_step, remove_restart, restart_plan
+from stg_ext.testing.tiny import tiny_pipeline
 
 # diffusers' Euler schedulers build their sigmas with np.array(tensor), which numpy 2 flags.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

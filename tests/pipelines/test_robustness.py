@@ -8,7 +8,7 @@ import torch
 from diffusers import WanPipeline
 
 import stg_ext
-from stg_ext.tiny import tiny_pipeline
+from stg_ext.testing.tiny import tiny_pipeline
 
 
 def _run(pipe, kw):

@@ -17,10 +17,10 @@ from typing import Any, Callable, ContextManager, List, Optional, Sequence, Tupl
 
 import torch
 
-from ..adapters.base import ModelAdapter
-from ..batch import cond_half
-from ..branch import PerturbedBranch
-from ..config import StepSettings
+from ..weak.adapters.base import ModelAdapter
+from ..weak.batch import cond_half
+from .branch import PerturbedBranch
+from .config import StepSettings
 from ..ops import combine
 
 Forward = Callable[..., Any]

@@ -62,7 +62,7 @@ class PipelineSpec:
     def step(self, pipe: Any, loop: Mapping[str, Any]) -> Tuple[int, int]:
         """(i, N): the step of this sampling run and its number of steps. Under `stg_ext.apply_restart` the loop
         repeats a segment; a repeated step keeps its own step's settings (window, per-step values)."""
-        from ..restart import loop_step
+        from .restart import loop_step
 
         i = int(loop["i"])
         return loop_step(pipe, i) or (i, int(pipe._num_timesteps))
@@ -172,7 +172,7 @@ class LTX2Spec(PipelineSpec):
 class GuiderSpec(PipelineSpec):
     # The pipeline combines its predictions with `pipe.guider` (ClassifierFreeGuidance): batches "pred_cond" and
     # "pred_uncond", one denoiser call each, then `pipe.guider(state)`. STG is a guider there: apply_stg swaps in
-    # stg_ext.guider.STGGuidance with the same CFG settings (`attach`), and the session's remove() restores the
+    # stg_ext.guidance.guider.STGGuidance with the same CFG settings (`attach`), and the session's remove() restores the
     # original guider. No guidance hook goes on the denoiser.
     pipeline_classes = ("HunyuanVideo15Pipeline", "HunyuanVideo15ImageToVideoPipeline")
     convention = "guider"
@@ -180,7 +180,7 @@ class GuiderSpec(PipelineSpec):
     def attach(self, pipe: Any, config: Any) -> Any:
         """Applies STG to `pipe` (the "guider" convention's apply_to_pipeline); returns the session, recorded on
         the pipeline like a guidance session, whose `remove()` undoes it."""
-        from ..guider import attach_to_pipeline
+        from .guider import attach_to_pipeline
 
         return attach_to_pipeline(pipe, config)
 

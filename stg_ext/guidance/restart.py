@@ -478,7 +478,7 @@ class RestartHandle:
     def _generator(self, run: _Run):
         if run.generator is not None or self.pipe is None:
             return run.generator
-        from .pipelines.loop import pipeline_locals
+        from .loop import pipeline_locals
 
         loop = pipeline_locals(self.pipe)
         run.generator = loop.get("generator") if loop is not None else None

@@ -57,7 +57,7 @@ class AttentionTarget:
 
 
 class ModelAdapter:
-    """Base class: subclass per model family and register it with `stg_ext.adapters.register_adapter`.
+    """Base class: subclass per model family and register it with `stg_ext.weak.adapters.register_adapter`.
 
     Class attributes cover the common cases; override the methods for anything else.
     """

@@ -13,7 +13,7 @@ _REGISTRY: Dict[str, ModelAdapter] = {}
 def register_adapter(adapter_cls: Type[ModelAdapter]) -> Type[ModelAdapter]:
     """Class decorator: serve `adapter_cls.model_classes` with one instance of `adapter_cls`.
 
-    To support a new model: subclass ModelAdapter (see stg_ext/adapters/base.py), set `model_classes`,
+    To support a new model: subclass ModelAdapter (see stg_ext/weak/adapters/base.py), set `model_classes`,
     `block_lists`, `block_returns`, `self_attention` (and `joint` for joint attention), and decorate it.
     """
     instance = adapter_cls()
@@ -35,8 +35,8 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
             return adapter
     raise TypeError(
         f"stg_ext: {type(model).__name__} is not a supported denoiser. Supported classes: "
-        f"{', '.join(supported_models())}. To add one, subclass stg_ext.adapters.ModelAdapter and decorate it "
-        "with @stg_ext.adapters.register_adapter (see stg_ext/adapters/base.py)."
+        f"{', '.join(supported_models())}. To add one, subclass stg_ext.weak.adapters.ModelAdapter and decorate it "
+        "with @stg_ext.weak.adapters.register_adapter (see stg_ext/weak/adapters/base.py)."
     )
 
 

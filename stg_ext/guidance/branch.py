@@ -21,12 +21,12 @@ import torch
 from diffusers.hooks import ModelHook
 from torch import nn
 
-from .adapters import get_adapter
-from .adapters.base import ModelAdapter, argument, read_signature
-from .batch import cond_half, map_per_sample, take
+from ..weak.adapters import get_adapter
+from ..weak.adapters.base import ModelAdapter, argument, read_signature
+from ..weak.batch import cond_half, map_per_sample, take
 from .config import LayerSpec
-from .hooks import PerturbationState, install, uninstall
-from .weak import check_mode, install_layer_hooks, resolve_layers, unwrap
+from ..weak.hooks import PerturbationState, install, uninstall
+from ..weak.model import check_mode, install_layer_hooks, resolve_layers, unwrap
 
 PREFIX_HOOK = "stg_ext.prefix"
 JOIN_HOOK = "stg_ext.join"

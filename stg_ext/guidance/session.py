@@ -16,11 +16,11 @@ from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import CacheContext, StateManager, _set_cache_context
 from torch import nn
 
-from ..adapters import get_adapter
-from ..branch import PerturbedBranch
-from ..config import STGConfig
-from ..hooks import install, uninstall
-from ..weak import remove_stg as remove_weak, unwrap
+from ..weak.adapters import get_adapter
+from .branch import PerturbedBranch
+from .config import STGConfig
+from ..weak.hooks import install, uninstall
+from ..weak.model import remove_stg as remove_weak, unwrap
 from . import rescale as pipeline_rescale
 from .drivers import BatchedDriver, Call, SeparateDriver
 from .loop import pipeline_locals

@@ -1,6 +1,6 @@
 """STG as a diffusers guider (the `diffusers.guiders` API), for guider-based and modular pipelines.
 
-    from stg_ext.guider import STGGuidance
+    from stg_ext.guidance.guider import STGGuidance
 
     guider = STGGuidance(stg_layer=8, stg_mode="attention", stg_scale=1.0, guidance_scale=5.0)
     modular_pipe.update_components(guider=guider)      # e.g. a Wan modular pipeline
@@ -48,8 +48,8 @@ from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput, rescale_n
 
 from .branch import PerturbedBranch
 from .config import StepSettings, STGConfig
-from .ops import combine
-from .weak import unwrap
+from ..ops import combine
+from ..weak.model import unwrap
 
 logger = logging.getLogger("stg_ext")
 
@@ -321,7 +321,7 @@ class GuiderSession:
                 f"stg_ext.apply_stg: {type(pipe).__name__} combines its predictions with pipe.guider, which apply_stg "
                 f"replaces when it is a ClassifierFreeGuidance; this one is "
                 f"{type(original).__name__ if original is not None else None}. Set the guider yourself: "
-                "pipe.guider = stg_ext.guider.STGGuidance(stg_layer=..., stg_mode=..., stg_scale=..., "
+                "pipe.guider = stg_ext.guidance.guider.STGGuidance(stg_layer=..., stg_mode=..., stg_scale=..., "
                 "guidance_scale=...)")
         self.owner = pipe
         self.config = config

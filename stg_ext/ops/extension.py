@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 
-import torch  # noqa: F401  (must be imported before the extension: it links against libtorch)
+import torch  # must be imported before the extension: it links against libtorch
 
 logger = logging.getLogger("stg_ext")
 
@@ -42,3 +42,15 @@ _KERNELS = {
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """True when the compiled op `stg_ext::<op>` has a kernel for `dispatch_key` ("CPU", "CUDA")."""
     return _KERNELS.get((op, dispatch_key), False)
+
+
+# Fake (meta) kernels of the compiled ops, so that torch.compile traces them without running them.
+if available():
+
+    @torch.library.register_fake("stg_ext::combine")
+    def _combine_fake(cond, perturbed, uncond, cfg_tensor, cfg_scale, stg_scales, rescale, orthogonalize, fold):
+        return torch.empty_like(cond, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("stg_ext::identity_joint_attention")
+    def _identity_joint_attention_fake(q_video, k_video, v_video, k_text, v_text, text_bias, scale):
+        return q_video.new_empty(q_video.shape, dtype=v_video.dtype)  # contiguous, like the kernels' output

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from ..config import STGConfig
+from .config import STGConfig
 from .session import GuidanceSession, LoopView, _SESSION_ATTR
 
 
