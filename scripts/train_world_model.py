@@ -1,0 +1,167 @@
+#!/usr/bin/env python
+"""Train the world model (stock WanPipeline parts) on stg_ext.world's train split, and save it.
+
+    .venv/bin/python scripts/train_world_model.py --work /tmp/world_run --out stg_ext/world/model
+
+Phases: render the training clips; train the VAE (AutoencoderKLWan); encode every clip to latents with it
+(frozen from here on) and set its latents_mean/std; encode the prompts with the frozen UMT5 encoder through
+WanPipeline.encode_prompt; train the transformer by flow matching (EMA weights are the ones saved). Every
+--checkpoint-every steps the EMA pipeline is saved to WORK/latest (save_pretrained) with a sample grid
+(WORK/samples_<step>.png) and the loss plot, so a stopped run leaves a usable model. At the end the pipeline
+goes to --out and the loss plot to --plot. `--resume` reuses WORK's trained VAE and latents.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from stg_ext.world import train as W
+from stg_ext.world.model import CALL_DEFAULTS, assemble, build_parts
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def plot_losses(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    vae = [r for r in rows if r["phase"] == "vae"]
+    tr = [r for r in rows if r["phase"] == "transformer"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    if vae:
+        axes[0].plot([r["step"] for r in vae], [r["mse"] for r in vae], label="MSE")
+        axes[0].plot([r["step"] for r in vae], [r["l1"] for r in vae], label="L1")
+        axes[0].set_yscale("log")
+        axes[0].legend()
+    axes[0].set_title("VAE reconstruction (pixels in [-1, 1])")
+    axes[0].set_xlabel("step")
+    if tr:
+        axes[1].plot([r["step"] for r in tr], [r["loss"] for r in tr], alpha=0.3, label="batch")
+        axes[1].plot([r["step"] for r in tr], [r["smooth"] for r in tr], label="smoothed")
+        axes[1].legend()
+    axes[1].set_title("transformer flow-matching loss")
+    axes[1].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+SAMPLE_PROMPTS = ["a large red circle moving right on a black background",
+                  "a small blue square moving up on a gray background",
+                  "a large yellow triangle rotating on a checkered background",
+                  "a large green cross growing on a black background"]
+
+
+@torch.no_grad()
+def sample_grid(pipe, path: Path, seed: int = 0) -> None:
+    import numpy as np
+    from PIL import Image
+
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt=SAMPLE_PROMPTS, negative_prompt="", output_type="np",
+               generator=torch.Generator("cpu").manual_seed(seed), **CALL_DEFAULTS).frames
+    rows = [np.concatenate(list(v[::2]), axis=1) for v in out]
+    img = (np.clip(np.concatenate(rows, axis=0), 0, 1) * 255).astype(np.uint8)
+    Image.fromarray(img).resize((img.shape[1] * 3, img.shape[0] * 3), Image.NEAREST).save(path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, required=True, help="folder for logs, checkpoints and samples")
+    p.add_argument("--out", type=Path, default=ROOT / "stg_ext" / "world" / "model")
+    p.add_argument("--plot", type=Path, default=ROOT / "docs" / "world_model_loss.png")
+    p.add_argument("--resume", action="store_true", help="reuse WORK/vae and WORK/latents.pt")
+    p.add_argument("--no-samples", action="store_true")
+    for f in fields(W.TrainConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    args = p.parse_args(argv)
+    cfg = W.TrainConfig(**{f.name: getattr(args, f.name) for f in fields(W.TrainConfig)})
+    torch.set_num_threads(cfg.threads)
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.json").write_text(json.dumps(W.config_dict(cfg), indent=1))
+    say(f"config {W.config_dict(cfg)}")
+    log = W.Log(work / "loss.csv", ["phase", "step", "loss", "mse", "l1", "smooth", "lr", "seconds"])
+
+    t0 = time.perf_counter()
+    data = W.render_dataset(cfg.clips, cfg.seed)
+    say(f"rendered {cfg.clips} clips {tuple(data['videos'].shape)} in {time.perf_counter() - t0:.0f}s")
+    parts = build_parts(cfg.seed)
+    vae_time = 0.0
+    if args.resume and (work / "vae").exists() and (work / "latents.pt").exists():
+        from diffusers import AutoencoderKLWan
+
+        parts["vae"] = AutoencoderKLWan.from_pretrained(work / "vae").eval()
+        latents = torch.load(work / "latents.pt")
+        say("resumed the VAE and latents")
+    else:
+        t0 = time.perf_counter()
+        W.train_vae(parts["vae"], data["videos"], cfg, log, say)
+        vae_time = time.perf_counter() - t0
+        say(f"VAE trained in {vae_time / 60:.1f} min")
+        t0 = time.perf_counter()
+        latents = W.encode_latents(parts["vae"], data["videos"])
+        mean, std = W.latent_stats(latents)
+        parts["vae"].register_to_config(latents_mean=[round(float(v), 5) for v in mean],
+                                        latents_std=[round(float(v), 5) for v in std])
+        parts["vae"].save_pretrained(work / "vae")
+        torch.save(latents, work / "latents.pt")
+        say(f"latents {tuple(latents.shape)} encoded in {time.perf_counter() - t0:.0f}s; mean {mean.tolist()} "
+            f"std {std.tolist()}")
+    vae = parts["vae"].requires_grad_(False).eval()
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    norm = (latents - mean) / std
+    with torch.no_grad():
+        rec = vae.decode(latents[:32]).sample
+    vae_mse = float((rec - data["videos"][:32]).pow(2).mean())
+    say(f"VAE reconstruction MSE on 32 training clips: {vae_mse:.5f}")
+
+    pipe = assemble(parts)
+    pipe.set_progress_bar_config(disable=True)
+    embeds = W.encode_prompts(pipe, data["prompts"])
+    text = torch.stack([embeds[p_] for p_ in data["prompts"]])
+    empty = embeds[""]
+    say(f"{len(embeds)} distinct prompts encoded, text {tuple(text.shape)}")
+
+    meta = dict(seed=cfg.seed, train_config=W.config_dict(cfg), vae_reconstruction_mse=vae_mse,
+                command="scripts/train_world_model.py " + " ".join(sys.argv[1:] if argv is None else argv))
+
+    def checkpoint(ema, step):
+        t = time.perf_counter()
+        W.save_pipeline(parts, ema, work / "latest", dict(meta, transformer_steps=step))
+        plot_losses(log.rows, work / "loss.png")
+        if not args.no_samples:
+            sample_grid(assemble(dict(parts, transformer=ema)), work / f"samples_{step:05d}.png")
+        say(f"checkpoint at step {step} ({time.perf_counter() - t:.0f}s)")
+
+    t0 = time.perf_counter()
+    ema, last = W.train_transformer(parts["transformer"], norm, text, empty, cfg, log, say, checkpoint)
+    tr_time = time.perf_counter() - t0
+    say(f"transformer trained {last + 1} steps in {tr_time / 60:.1f} min")
+    meta.update(transformer_steps=last + 1, vae_minutes=round(vae_time / 60, 2),
+                transformer_minutes=round(tr_time / 60, 2),
+                final_loss_smoothed=[r for r in log.rows if r["phase"] == "transformer"][-1]["smooth"])
+    W.save_pipeline(parts, ema, args.out, meta)
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    plot_losses(log.rows, args.plot)
+    if not args.no_samples:
+        sample_grid(assemble(dict(parts, transformer=ema)), work / "samples_final.png")
+    say(f"saved {args.out} and {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Training the world model: the VAE on rendered clips, then the transformer by flow matching on frozen latents.
+
+Everything is drawn from one seed (clips, initialisations, batches, noise), on one CPU thread, so a run is
+reproducible. `scripts/train_world_model.py` is the command line; this module holds the logic.
+
+Flow matching as WanPipeline's scheduler (FlowMatchEulerDiscreteScheduler) integrates it: for normalised
+latents x0, noise n and sigma in (0, 1), x_t = (1 - sigma) x0 + sigma n, the transformer is called at
+timestep 1000 sigma and regresses n - x0 (the scheduler's step is x += (sigma_next - sigma) * prediction).
+Sigmas are drawn as the scheduler's shifted schedule spaces them (u uniform, sigma = shift u / (1 + (shift - 1) u)).
+Prompts are replaced by the empty negative prompt's embedding with probability `cfg_dropout`, so the same
+network gives the unconditional prediction CFG needs.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .model import CALL_DEFAULTS, FLOW_SHIFT, TEXT_LEN, assemble, build_parts
+from .render import render
+from .scene import sample_spec
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    clips: int = 4000  # training clips (split "train"), rendered once
+    vae_steps: int = 700
+    vae_batch: int = 4
+    vae_lr: float = 1e-3
+    vae_kl: float = 1e-6
+    steps: int = 6000  # transformer steps
+    batch: int = 16
+    lr: float = 5e-4
+    warmup: int = 200
+    ema: float = 0.999
+    cfg_dropout: float = 0.1
+    checkpoint_every: int = 500
+    log_every: int = 10
+    threads: int = 1
+    time_limit_min: float = 0.0  # stop the transformer phase after this many minutes of training (0: no limit)
+
+
+def render_dataset(n: int, seed: int) -> Dict[str, object]:
+    """n clips of the train split: videos (n, 3, T, H, W) in [-1, 1] and their prompts."""
+    videos, prompts = [], []
+    for i in range(n):
+        clip = render(sample_spec("train", seed * 1_000_003 + i))
+        videos.append(torch.from_numpy(clip.video).permute(3, 0, 1, 2))
+        prompts.append(clip.prompt)
+    return dict(videos=torch.stack(videos) * 2 - 1, prompts=prompts)
+
+
+def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+class Log:
+    def __init__(self, path: Path, fields: List[str]):
+        self.path, self.fields = path, fields
+        self.rows: List[dict] = []
+        with open(path, "w", newline="") as fh:
+            csv.writer(fh).writerow(fields)
+
+    def add(self, **row) -> None:
+        self.rows.append(row)
+        with open(self.path, "a", newline="") as fh:
+            csv.writer(fh).writerow([row.get(f, "") for f in self.fields])
+
+
+def train_vae(vae, videos: torch.Tensor, cfg: TrainConfig, log: Log, say: Callable[[str], None]) -> None:
+    gen = torch.Generator().manual_seed(cfg.seed + 10)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    vae.train()
+    start = time.perf_counter()
+    for step in range(cfg.vae_steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg.vae_steps, cfg.vae_lr, 50)
+        idx = torch.randint(len(videos), (cfg.vae_batch,), generator=gen)
+        x = videos[idx]
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        mse = (rec - x).pow(2).mean()
+        l1 = (rec - x).abs().mean()
+        kl = post.kl().mean() / x[0].numel()
+        loss = mse + l1 + cfg.vae_kl * kl * x[0].numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % cfg.log_every == 0 or step == cfg.vae_steps - 1:
+            log.add(phase="vae", step=step, loss=loss.item(), mse=mse.item(), l1=l1.item(),
+                    seconds=round(time.perf_counter() - start, 1))
+            if step % (cfg.log_every * 10) == 0:
+                say(f"vae step {step}/{cfg.vae_steps} loss {loss.item():.4f} mse {mse.item():.4f} "
+                    f"{time.perf_counter() - start:.0f}s")
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_latents(vae, videos: torch.Tensor, batch: int = 16) -> torch.Tensor:
+    """Posterior means of every clip, (n, z, T', H', W'), unnormalised."""
+    out = [vae.encode(videos[i:i + batch]).latent_dist.mean for i in range(0, len(videos), batch)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: List[str]) -> Dict[str, torch.Tensor]:
+    """Each distinct prompt (and "") through the pipeline's own text path, at TEXT_LEN tokens."""
+    unique = sorted(set(prompts) | {""})
+    embeds = {}
+    for i in range(0, len(unique), 64):
+        chunk = unique[i:i + 64]
+        e, _ = pipe.encode_prompt(chunk, do_classifier_free_guidance=False, max_sequence_length=TEXT_LEN,
+                                  device=torch.device("cpu"))
+        embeds.update(zip(chunk, e))
+    return embeds
+
+
+def _ema_update(ema, model, decay: float) -> None:
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)
+
+
+def train_transformer(transformer, latents: torch.Tensor, text: torch.Tensor, empty: torch.Tensor,
+                      cfg: TrainConfig, log: Log, say: Callable[[str], None],
+                      checkpoint: Optional[Callable[[object, int], None]] = None):
+    """latents: normalised (n, z, T', H', W'); text: (n, L, D) embeddings of each clip's prompt; empty: (L, D)."""
+    gen = torch.Generator().manual_seed(cfg.seed + 20)
+    ema = copy.deepcopy(transformer).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    transformer.train()
+    start = time.perf_counter()
+    smooth = None
+    step = 0
+    for step in range(cfg.steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
+        idx = torch.randint(len(latents), (cfg.batch,), generator=gen)
+        x0 = latents[idx]
+        cond = text[idx].clone()
+        drop = torch.rand(cfg.batch, generator=gen) < cfg.cfg_dropout
+        cond[drop] = empty
+        noise = torch.randn(x0.shape, generator=gen)
+        u = torch.rand(cfg.batch, generator=gen)
+        sigma = FLOW_SHIFT * u / (1 + (FLOW_SHIFT - 1) * u)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        pred = transformer(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=cond, return_dict=False)[0]
+        loss = (pred - (noise - x0)).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        opt.step()
+        _ema_update(ema, transformer, cfg.ema if step >= cfg.warmup else 0.0)
+        value = loss.item()
+        smooth = value if smooth is None else 0.98 * smooth + 0.02 * value
+        elapsed = time.perf_counter() - start
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            log.add(phase="transformer", step=step, loss=value, smooth=smooth, lr=opt.param_groups[0]["lr"],
+                    seconds=round(elapsed, 1))
+            if step % (cfg.log_every * 10) == 0:
+                say(f"transformer step {step}/{cfg.steps} loss {value:.4f} (smoothed {smooth:.4f}) {elapsed:.0f}s")
+        if checkpoint is not None and step > 0 and step % cfg.checkpoint_every == 0:
+            checkpoint(ema, step)
+        if cfg.time_limit_min and elapsed > 60 * cfg.time_limit_min:
+            say(f"time limit reached at step {step}")
+            break
+    transformer.eval()
+    return ema, step
+
+
+def latent_stats(latents: torch.Tensor):
+    """Per-channel mean and std over every clip, frame and position (the VAE config's latents_mean/std)."""
+    z = latents.transpose(0, 1).reshape(latents.shape[1], -1)
+    return z.mean(dim=1), z.std(dim=1)
+
+
+def save_pipeline(parts: Dict[str, object], transformer, folder: Path, meta: dict) -> Path:
+    """The whole pipeline with save_pretrained, plus stg_ext.json (how to call it, how it was made)."""
+    pipe = assemble(dict(parts, transformer=transformer))
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(folder)
+    with open(folder / "stg_ext.json", "w") as fh:
+        json.dump(dict(call=CALL_DEFAULTS, **meta), fh, indent=1)
+    return folder
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)
+
+
+__all__ = ["TrainConfig", "render_dataset", "train_vae", "encode_latents", "encode_prompts", "train_transformer",
+           "latent_stats", "save_pipeline", "build_parts", "Log"]
