@@ -176,7 +176,7 @@ setup(
     packages=["stg_ext.kernels"] + find_packages(include=["stg_ext", "stg_ext.*"]),
     package_dir={"stg_ext": "stg_ext", "stg_ext.kernels": "kernels"},
     # The paper's prompt lists, read by `stg-ext sweep --prompts` (stg_ext/cli/prompts.py).
-    package_data={"stg_ext": ["prompts/*.txt"]},
+    package_data={"stg_ext": ["prompts/*.txt", "world/model/**/*", "world/classifier.pt"]},
     entry_points={"console_scripts": ["stg-ext = stg_ext.cli:run"]},
     install_requires=["torch>=2.6", "diffusers>=0.42,<0.43", "numpy"],
     extras_require={
