@@ -36,7 +36,7 @@ def test_apply_stg_on_a_non_module_says_what_to_do():
 def test_handle_is_a_context_manager(wan):
     model, inputs = wan
     c = run(model, inputs)
-    with stg_ext.apply_stg(model, 1, "residual") as handle:
+    with stg_ext.weak_model(model, 1, "residual") as handle:
         assert handle.layer_indices == [1] and not torch.equal(run(model, inputs), c)
     assert torch.equal(run(model, inputs), c)
 

@@ -14,6 +14,12 @@ import warnings
 from contextlib import contextmanager
 from typing import Iterator, List, Optional
 
+import diffusers.utils.logging as dlog
+import torch
+
+from .. import __version__
+from .commands import bench, demo, generate, sweep, weak
+from .commands import eval as eval_
 from .errors import CLIError, UsageError, one_line
 
 PROG = "stg-ext"
@@ -33,20 +39,16 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> Parser:
-    from .commands import bench, demo, generate, sweep, weak
-
     parser = Parser(prog=PROG, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (demo, generate, sweep, weak, bench):
+    for module in (demo, generate, sweep, weak, bench, eval_):
         module.add_parser(sub)
     return parser
 
 
 def _version() -> str:
-    from .. import __version__
-
     return __version__
 
 
@@ -72,8 +74,6 @@ def configure_logging(args: argparse.Namespace) -> None:
     logger.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     verbose = getattr(args, "verbose", False)
     try:
-        import diffusers.utils.logging as dlog
-
         dlog.set_verbosity_info() if verbose else dlog.set_verbosity_error()
         if getattr(args, "quiet", False):
             dlog.disable_progress_bar()
@@ -101,7 +101,6 @@ def configure_logging(args: argparse.Namespace) -> None:
 def _process_state() -> Iterator[None]:
     """Gives back what a command changes process-wide (torch threads, the libraries' log levels and progress
     bars, warning filters), so that main() can be called from a program or a test without side effects."""
-    import torch
 
     threads = torch.get_num_threads()
     levels = {name: logging.getLogger(name).level for name in ("stg_ext", "stg_ext.cli", "diffusers", "transformers")}

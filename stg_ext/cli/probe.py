@@ -19,15 +19,16 @@ that: it lets the pipeline itself do it, by steering what its denoiser returns a
 """
 from __future__ import annotations
 
+import inspect
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-import inspect
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
+import stg_ext
+from ..guidance.outputs import prediction, with_prediction
 from .errors import CLIError, UsageError
-from ..guidance.drivers import prediction, with_prediction
 from .render import STGSettings, stg_applied
 from .video import to_uint8_frames
 from .x0 import predict_x0
@@ -107,7 +108,7 @@ class StepProbe:
     def __init__(self, pipe: Any, denoisers: Dict[str, torch.nn.Module], convention: str, step: int):
         self.pipe = pipe
         self.denoisers = denoisers
-        self.convention = convention  # "batched" ([uncond, cond] in one call) or "separate" (cond, then uncond)
+        self.convention = convention  # "cfg_batch" ([uncond, cond] in one call) or "separate" (cond, then uncond)
         self.step = step
         self.saved: List[Any] = []  # denoiser outputs of steps < k, in call order
         self.calls: List[StepCall] = []  # the record run's calls at step k
@@ -117,7 +118,6 @@ class StepProbe:
 
     def record(self, kwargs: dict, layer: Any, mode: str) -> ProbeResult:
         """The stock run (CFG), saving what later runs replay, and u, c, p at step k."""
-        import stg_ext
 
         self.saved, self.calls = [], []
 
@@ -126,7 +126,7 @@ class StepProbe:
             call = StepCall(name, out)
             # The perturbed pass: on every call of a batched pipeline (its cond half is used), on the first
             # (cond) call of a separate-call one.
-            if self.convention == "batched" or index == 0:
+            if self.convention == "cfg_batch" or index == 0:
                 with stg_ext.perturbed(self.denoisers[name], list(layer) if isinstance(layer, tuple) else layer,
                                        mode):
                     call.perturbed = prediction(forward(*args, **kw)).detach()
@@ -170,7 +170,7 @@ class StepProbe:
         batch = self.reference.sample.shape[0]
         first = self.calls[0]
         pred = prediction(first.output).detach()
-        if self.convention == "batched":
+        if self.convention == "cfg_batch":
             if pred.shape[0] == 2 * batch:
                 return {"uncond": pred[:batch], "cond": pred[batch:], "perturbed": first.perturbed[batch:]}
             return {"uncond": None, "cond": pred, "perturbed": first.perturbed}

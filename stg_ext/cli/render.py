@@ -9,6 +9,7 @@ from typing import Any, Iterable, Iterator, List, Optional
 import numpy as np
 import torch
 
+import stg_ext
 from .errors import CLIError, UsageError, one_line
 from .video import to_uint8_frames
 
@@ -48,7 +49,6 @@ class STGSettings:
 @contextmanager
 def stg_applied(pipe: Any, settings: STGSettings) -> Iterator[Any]:
     """`pipe` with STG applied for the duration; a layer or mode the model lacks is a usage error."""
-    import stg_ext
 
     layer = list(settings.layer) if isinstance(settings.layer, tuple) else settings.layer
     try:

@@ -1,6 +1,2 @@
-"""Pipeline-level STG: drop-in guidance on stock diffusers pipelines (see session.py)."""
-from .session import GuidanceSession, apply_to_pipeline, is_pipeline, remove_from_pipeline
-from .specs import PipelineSpec, register_pipeline, supported_pipelines
-
-__all__ = ["GuidanceSession", "PipelineSpec", "apply_to_pipeline", "is_pipeline", "register_pipeline",
-           "remove_from_pipeline", "supported_pipelines"]
+"""Guidance: STG on stock pipelines and denoisers (sessions, drivers, pipeline specs, the loop tracker), the
+diffusers guider, and restart sampling. See docs/design.md for the way of one step through these modules."""

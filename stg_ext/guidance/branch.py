@@ -24,13 +24,12 @@ from torch import nn
 from ..weak.adapters import get_adapter
 from ..weak.adapters.base import ModelAdapter, argument, read_signature
 from ..weak.batch import cond_half, map_per_sample, take
-from .config import LayerSpec
+from .config import STRATEGIES, LayerSpec
 from ..weak.hooks import PerturbationState, install, uninstall
 from ..weak.model import check_mode, install_layer_hooks, resolve_layers, unwrap
 
 PREFIX_HOOK = "stg_ext.prefix"
 JOIN_HOOK = "stg_ext.join"
-STRATEGIES = ("sequential", "batched", "naive")
 
 
 def _key(spec: LayerSpec) -> Tuple:

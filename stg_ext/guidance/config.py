@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from numbers import Real
 from typing import Any, Optional, Sequence, Tuple, Union
 
-LayerSpec = Union[int, str, Sequence[Union[int, str]]]
+from ..weak.model import LayerSpec
+
+#: How the perturbed branch is scheduled (STG_SPEC section 5; branch.py).
+STRATEGIES = ("sequential", "batched", "naive")
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,6 @@ class STGConfig:
     strategy: str = "sequential"
 
     def __post_init__(self) -> None:
-        from .branch import STRATEGIES
-
         if self.strategy not in STRATEGIES:
             raise ValueError(f"stg_ext: unknown strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}")
         if isinstance(self.mode, str):
@@ -124,6 +125,11 @@ class STGConfig:
                         f"stg_ext.per_step([...]) for one spec per step; got {layer!r}")
 
     # --- per step ------------------------------------------------------------------------------------
+
+    @property
+    def has_per_step(self) -> bool:
+        """True when scale, rescale or layer is a per-step sequence."""
+        return self._per_step_scale or self._per_step_rescale or self._per_step_layer
 
     def check_steps(self, n_steps: int) -> None:
         """Per-step sequences must have one entry per step of the sampling run."""

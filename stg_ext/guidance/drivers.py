@@ -21,31 +21,10 @@ from ..weak.adapters.base import ModelAdapter
 from ..weak.batch import cond_half
 from .branch import PerturbedBranch
 from .config import StepSettings
+from .outputs import prediction, with_prediction
 from ..ops import combine
 
 Forward = Callable[..., Any]
-
-
-# --- the denoiser's output ----------------------------------------------------------------------------------
-
-def prediction(out: Any) -> torch.Tensor:
-    """The prediction tensor of a denoiser's return value: `(sample, ...)` or an output dataclass."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    return out[next(iter(out.keys()))]
-
-
-def with_prediction(out: Any, new: torch.Tensor) -> Any:
-    """`out` with its prediction replaced by `new`, in the same structure."""
-    if isinstance(out, torch.Tensor):
-        return new
-    if isinstance(out, (tuple, list)):
-        return type(out)((new, *out[1:]))
-    fields = dict(out.items())
-    fields[next(iter(fields))] = new
-    return type(out)(**fields)
 
 
 # --- the combination ----------------------------------------------------------------------------------------
@@ -90,7 +69,7 @@ def _plist(ps: List[torch.Tensor]) -> Any:
     return ps[0] if len(ps) == 1 else tuple(ps)
 
 
-class BatchedDriver:
+class CFGBatchDriver:
     """Pipelines that call the denoiser once on `[uncond, cond]` (or `[cond]` with CFG off)."""
 
     def __init__(self, adapter: ModelAdapter, model: torch.nn.Module):

@@ -46,6 +46,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.guiders import ClassifierFreeGuidance
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput, rescale_noise_cfg
 
+from ..handle import Handle
+from .attached import forget, record, session_of
 from .branch import PerturbedBranch
 from .config import StepSettings, STGConfig
 from ..ops import combine
@@ -56,7 +58,6 @@ logger = logging.getLogger("stg_ext")
 __all__ = ["STGGuidance", "GuiderSession", "attach_to_pipeline"]
 
 STG_PREDICTION = "pred_cond_stg"
-_SESSION_ATTR = "_stg_ext_session"  # where session.py keeps a pipeline's / denoiser's guidance session
 _GUIDER_ATTR = "_stg_ext_guider"  # a weak reference to the STGGuidance whose hooks a denoiser carries
 
 
@@ -215,7 +216,7 @@ class STGGuidance(BaseGuidance):
         if owner is not None and owner is not self:
             raise RuntimeError(f"stg_ext.STGGuidance: {type(model).__name__} carries the perturbation hooks of another "
                                "STGGuidance; call that guider's remove_hooks() first")
-        if getattr(model, _SESSION_ATTR, None) is not None:
+        if session_of(model) is not None:
             raise RuntimeError(f"stg_ext.STGGuidance: {type(model).__name__} carries STG guidance from apply_stg; "
                                "remove it first with stg_ext.remove_stg")
         # The perturbed batch is a pass of its own, run by the pipeline: no prefix reuse or joined rows.
@@ -310,7 +311,7 @@ class STGGuidance(BaseGuidance):
 
 # --- apply_stg on a guider-based pipeline --------------------------------------------------------------------
 
-class GuiderSession:
+class GuiderSession(Handle):
     """STG on a pipeline that combines its predictions with `pipe.guider`: the guider is an `STGGuidance` until
     `remove()`, which puts the original guider back (and the pipeline config's entry for it). A context manager."""
 
@@ -342,14 +343,7 @@ class GuiderSession:
                                type(pipe).__name__)
             self.guider.remove_hooks()
             self.guider = None
-        if getattr(pipe, _SESSION_ATTR, None) is self:
-            delattr(pipe, _SESSION_ATTR)
-
-    def __enter__(self) -> "GuiderSession":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
+        forget(pipe, self)
 
     def __repr__(self) -> str:
         c = self.config
@@ -361,5 +355,5 @@ def attach_to_pipeline(pipe: Any, config: STGConfig) -> GuiderSession:
     """`apply_stg(pipe, ...)` for the "guider" convention: swaps in the STG guider and records the session on the
     pipeline (so that `remove_stg(pipe)` and a later `apply_stg` remove it)."""
     session = GuiderSession(pipe, config)
-    setattr(pipe, _SESSION_ATTR, session)
+    record(pipe, session)
     return session

@@ -17,7 +17,7 @@ from typing import Any, Optional
 from torch import nn
 
 from .config import STGConfig
-from .session import GuidanceSession, LoopView, _SESSION_ATTR
+from .session import GuidanceSession, LoopView
 
 
 class ManualLoop:
@@ -26,10 +26,9 @@ class ManualLoop:
         self.step: Optional[int] = None
         self.n_steps: Optional[int] = None
         self.run = object()
-        self.needs_steps = config.start != 0.0 or config.stop != 1.0 or any(
-            (config._per_step_scale, config._per_step_rescale, config._per_step_layer))
+        self.needs_steps = config.start != 0.0 or config.stop != 1.0 or config.has_per_step
 
-    def read(self, denoiser: str) -> LoopView:
+    def read(self, denoiser: str, model: nn.Module) -> LoopView:
         if self.step is None:
             if self.needs_steps:
                 raise RuntimeError("stg_ext: start/stop or per-step settings need the step: call "
@@ -47,9 +46,10 @@ class DenoiserSession(GuidanceSession):
         self._loop.step, self._loop.n_steps = i, n_steps
 
 
-def apply_to_denoiser(model: nn.Module, config: STGConfig, cfg_scale: Any) -> DenoiserSession:
+def apply_to_custom_loop(model: nn.Module, config: STGConfig, cfg_scale: Any) -> DenoiserSession:
+    """`apply_stg(denoiser, ..., cfg_scale=...)`: the calls carry `[uncond, cond]` (or `[cond]` with
+    cfg_scale=None) and the loop sets the step itself."""
     loop = ManualLoop(cfg_scale, config)
-    session = DenoiserSession(model, {type(model).__name__: model}, "batched", config, loop.read)
+    session = DenoiserSession(model, {type(model).__name__: model}, config, loop.read)
     session._loop = loop
-    setattr(model, _SESSION_ATTR, session)
     return session

@@ -41,29 +41,30 @@ def _wrapper(module_name: str, original: Callable) -> Callable:
     return rescale_noise_cfg
 
 
-def _modules(session: Any) -> List[str]:
+def _modules(pipe: Any) -> List[str]:
     """The modules of the pipeline's class hierarchy (a user subclass runs the stock class's loop)."""
-    return list(dict.fromkeys(cls.__module__ for cls in type(session.owner).__mro__))
+    return list(dict.fromkeys(cls.__module__ for cls in type(pipe).__mro__))
 
 
-def attach(session: Any) -> None:
-    if session.convention != "batched":
-        return
-    for name in _modules(session):
+def attach(session: Any, pipe: Any) -> None:
+    """While `session` is attached, `pipe`'s module functions see the model's c (one wrapper per module)."""
+    for name in _modules(pipe):
         module = sys.modules.get(name)
         if module is None or not callable(getattr(module, FUNCTION, None)):
             continue
         if name not in _ORIGINALS:
             _ORIGINALS[name] = getattr(module, FUNCTION)
             setattr(module, FUNCTION, _wrapper(name, _ORIGINALS[name]))
-        _SESSIONS.setdefault(name, []).append(session)
+        sessions = _SESSIONS.setdefault(name, [])
+        if session not in sessions:
+            sessions.append(session)
 
 
 def detach(session: Any) -> None:
-    for name in _modules(session):
-        sessions = _SESSIONS.get(name, [])
+    for name in list(_SESSIONS):
+        sessions = _SESSIONS[name]
         if session in sessions:
             sessions.remove(session)
-        if not sessions and name in _ORIGINALS:
+        if not sessions:
             setattr(sys.modules[name], FUNCTION, _ORIGINALS.pop(name))
-            _SESSIONS.pop(name, None)
+            del _SESSIONS[name]

@@ -94,6 +94,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
+from diffusers import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..handle import Handle
+from .loop import pipeline_locals
+from .outputs import prediction, with_prediction
 
 logger = logging.getLogger("stg_ext")
 
@@ -380,7 +386,7 @@ class _Wrapper:
         return _Wrapper(copy.deepcopy(self.handle, memo), self.name, copy.deepcopy(self.original, memo))
 
 
-class RestartHandle:
+class RestartHandle(Handle):
     """Restart sampling installed on a scheduler (a pipeline's, or a bare one); `remove()` restores it exactly.
     Also a context manager. `plan` is the plan of the latest sampling run (None before the first)."""
 
@@ -448,7 +454,7 @@ class RestartHandle:
         pos = run.pos
         out = run.call_original(self.scheduler, original, args, kwargs, step_index=run.plan.order[pos])
         if pos in run.plan.renoise_after:
-            out = _replace_sample(out, self._renoise(run, _sample_of(out)))
+            out = with_prediction(out, self._renoise(run, prediction(out)))
         run.pos = pos + 1
         if run.pos == len(run.plan.order):  # done: leave the scheduler as a stock run leaves it
             run.show_original(self.scheduler, step_index=run.plan.steps)
@@ -478,15 +484,11 @@ class RestartHandle:
     def _generator(self, run: _Run):
         if run.generator is not None or self.pipe is None:
             return run.generator
-        from .loop import pipeline_locals
-
         loop = pipeline_locals(self.pipe)
         run.generator = loop.get("generator") if loop is not None else None
         return run.generator
 
     def _renoise(self, run: _Run, sample: torch.Tensor) -> torch.Tensor:
-        from diffusers.utils.torch_utils import randn_tensor
-
         noise = randn_tensor(tuple(sample.shape), generator=self._generator(run), device=sample.device,
                              dtype=torch.float32)
         work = torch.promote_types(sample.dtype, torch.float32)
@@ -514,12 +516,6 @@ class RestartHandle:
         if self.pipe is not None and getattr(self.pipe, _ATTR, None) is self:
             delattr(self.pipe, _ATTR)
 
-    def __enter__(self) -> "RestartHandle":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
     def __repr__(self) -> str:
         return (f"RestartHandle({type(self.scheduler).__name__}, t_min={self.t_min}, t_max={self.t_max}, K={self.K}, "
                 f"unit={self.unit!r}, seed={self.seed})")
@@ -528,24 +524,11 @@ class RestartHandle:
 _ABSENT = object()
 
 
-def _sample_of(out) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out.prev_sample
-
-
-def _replace_sample(out, sample: torch.Tensor):
-    if isinstance(out, tuple):
-        return (sample, *out[1:])
-    out.prev_sample = sample
-    return out
-
-
 # --------------------------------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------------------------------
 
 def _scheduler_of(target: Any):
-    from diffusers import SchedulerMixin
-
     if isinstance(target, SchedulerMixin):
         return target
     scheduler = getattr(target, "scheduler", None)

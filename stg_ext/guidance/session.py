@@ -1,35 +1,38 @@
-"""`apply_stg(pipe, ...)`: one guidance session per pipeline, removable.
+"""A guidance session: STG on a set of denoisers, removable.
 
-The session puts a named diffusers hook (`stg_ext.guidance`) on each of the pipeline's denoisers and installs
-the perturbed branch's hooks (inactive) on their blocks. At each denoiser call the hook reads the loop state
-from the pipeline's `__call__` frame (step, N, CFG scale: `loop.py`), asks the config what this step runs,
-and hands the call to the driver of the pipeline's calling convention (`drivers.py`).
+The session puts a named diffusers hook (`stg_ext.guidance`) on each denoiser and installs the perturbed
+branch's hooks (inactive) on their blocks. At each denoiser call the hook asks the session's *locator* where
+sampling is (step, N, CFG scale, the calling convention: `LoopView`), asks the config what this step runs, and
+hands the call to the driver of that convention (`drivers.py`). Locators: `callers.PipelineLocator` (the loop
+of the pipeline that calls the denoiser, followed through diffusers' signals) and `manual.ManualLoop` (a custom
+loop that sets the step itself).
 """
 from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import CacheContext, StateManager, _set_cache_context
 from torch import nn
 
+from ..handle import Handle
 from ..weak.adapters import get_adapter
+from ..weak.hooks import install, uninstall
+from ..weak.model import remove_weak_model, unwrap
+from .attached import forget, record, session_of
 from .branch import PerturbedBranch
 from .config import STGConfig
-from ..weak.hooks import install, uninstall
-from ..weak.model import remove_stg as remove_weak, unwrap
-from . import rescale as pipeline_rescale
-from .drivers import BatchedDriver, Call, SeparateDriver
-from .loop import pipeline_locals
-from .specs import get_spec
+from .drivers import CFGBatchDriver, Call, SeparateDriver
 
 logger = logging.getLogger("stg_ext")
 
 GUIDANCE_HOOK = "stg_ext.guidance"
-_SESSION_ATTR = "_stg_ext_session"
+#: How a pipeline calls its denoiser: "cfg_batch" (one call on [uncond, cond], or [cond] with CFG off) or
+#: "separate" (a cond call, then an uncond call). Guider pipelines ("guider") get no guidance hook.
+CONVENTIONS = ("cfg_batch", "separate")
 
 
 class _ContextProbe(StateManager):
@@ -64,46 +67,59 @@ class LoopView:
     n_steps: int
     cfg_scale: Any  # None: CFG off
     run: Any = None  # identifies the sampling run (per-step sequences are checked once per run)
+    convention: str = "cfg_batch"
 
 
-class GuidanceSession:
-    """STG on a set of denoisers; `remove()` restores them exactly. Also a context manager.
+Locator = Callable[[str, nn.Module], Optional[LoopView]]
 
-    `read_loop(denoiser_name)` tells where sampling is at a call (None: not in a denoising loop, pass through);
-    `convention` is "batched" or "separate" (see drivers.py)."""
 
-    def __init__(self, owner: Any, denoisers: Dict[str, nn.Module], convention: str, config: STGConfig,
-                 read_loop: Callable[[str], Optional[LoopView]]):
+class GuidanceSession(Handle):
+    """STG on `denoisers` (name -> module); `locate(name, module)` tells where sampling is at a call (None: not in
+    a denoising loop: the call runs stock). `remove()` restores the denoisers exactly; also a context manager."""
+
+    def __init__(self, owner: Any, denoisers: Dict[str, nn.Module], config: STGConfig, locate: Locator):
         self.owner = owner
-        self.convention = convention
         self.config = config
-        self.read_loop = read_loop
+        self.locate = locate
         self._warned_outside = False
         self._checked_run: Any = None
+        self.models: Dict[str, nn.Module] = {}
         self.branches: Dict[str, PerturbedBranch] = {}
-        self.drivers: Dict[str, Any] = {}
+        self.drivers: Dict[Tuple[str, str], Any] = {}
         self._installed: List = []
+        self._on_remove: List[Callable[[], None]] = []
         try:
             for name, model in denoisers.items():
                 model = unwrap(model)
-                if getattr(model, _SESSION_ATTR, None) is not None:
+                if session_of(model) is not None:
                     raise RuntimeError(f"stg_ext: {name} ({type(model).__name__}) already carries STG guidance (from "
                                        "another pipeline sharing it?); remove that first with stg_ext.remove_stg")
-                remove_weak(model)
+                remove_weak_model(model)
+                self.models[name] = model
                 self.branches[name] = PerturbedBranch(model, config.modes, config.all_layers(), config.strategy)
-                self.drivers[name] = (BatchedDriver(get_adapter(model), model) if convention == "batched"
-                                      else SeparateDriver())
                 self._installed.append(install(model, GuidanceHook(self, name), GUIDANCE_HOOK))
-                setattr(model, _SESSION_ATTR, self)
+                record(model, self)
         except Exception:
             self.remove()
             raise
+
+    def driver(self, denoiser: str, convention: str) -> Any:
+        key = (denoiser, convention)
+        if key not in self.drivers:
+            model = self.models[denoiser]
+            self.drivers[key] = (CFGBatchDriver(get_adapter(model), model) if convention == "cfg_batch"
+                                 else SeparateDriver())
+        return self.drivers[key]
+
+    def on_remove(self, fn: Callable[[], None]) -> None:
+        """Runs `fn` when the session is removed (locators detach their trackers)."""
+        self._on_remove.append(fn)
 
     # --- per call ---------------------------------------------------------------------------------------------
 
     def on_call(self, hook: GuidanceHook, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         forward = hook.fn_ref.original_forward
-        loop = self.read_loop(hook.denoiser)
+        loop = self.locate(hook.denoiser, module)
         if loop is None:
             if not self._warned_outside:
                 logger.warning("stg_ext: %s was called outside a denoising loop STG knows of; STG is not applied "
@@ -116,12 +132,12 @@ class GuidanceSession:
         settings = self.config.at(loop.step, loop.n_steps)
         if settings is not None and settings.is_noop:
             settings = None
-        driver = self.drivers[hook.denoiser]
+        driver = self.driver(hook.denoiser, loop.convention)
         call = Call(forward, args, kwargs, self.branches[hook.denoiser], settings, self.config.modes,
                     self.config.orthogonalize, loop.cfg_scale)
         context = hook.context._context
         call.isolate = _own_cache_context(module, context)
-        if self.convention == "batched":
+        if loop.convention == "cfg_batch":
             return driver(call)
         call.role = driver.role(context.name if context is not None else None, loop.step, loop.cfg_scale is not None)
         return driver(call, loop.step)
@@ -129,22 +145,16 @@ class GuidanceSession:
     # --- removal ----------------------------------------------------------------------------------------------
 
     def remove(self) -> None:
-        pipeline_rescale.detach(self)
+        for fn in self._on_remove:
+            fn()
+        self._on_remove = []
         uninstall(self._installed)
         self._installed = []
         for branch in self.branches.values():
             branch.remove()
-            if getattr(branch.model, _SESSION_ATTR, None) is self:
-                delattr(branch.model, _SESSION_ATTR)
+            forget(branch.model, self)
         self.branches = {}
-        if getattr(self.owner, _SESSION_ATTR, None) is self:
-            delattr(self.owner, _SESSION_ATTR)
-
-    def __enter__(self) -> "GuidanceSession":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
+        forget(self.owner, self)
 
     def __repr__(self) -> str:
         c = self.config
@@ -170,53 +180,8 @@ def _own_cache_context(module: nn.Module, context: Optional[CacheContext]):
     return isolate
 
 
-def apply_to_pipeline(pipe: Any, config: STGConfig) -> GuidanceSession:
-    spec = get_spec(pipe)
-    if spec.unsupported is not None:
-        raise TypeError(f"stg_ext.apply_stg: {type(pipe).__name__}: {spec.unsupported}")
-    remove_from_pipeline(pipe)
-    if spec.convention == "guider":
-        # The pipeline combines its predictions with a diffusers guider: STG becomes that guider (spec.attach).
-        return spec.attach(pipe, config)
-    denoisers = {}
-    for name in spec.denoisers:
-        model = getattr(pipe, name, None)
-        # One session per module: a pipeline may hold the same module under two names (Wan 2.2's experts).
-        if model is not None and all(model is not other for other in denoisers.values()):
-            denoisers[name] = model
-    if not denoisers:
-        raise TypeError(f"stg_ext.apply_stg: {type(pipe).__name__} has no denoiser loaded ({', '.join(spec.denoisers)})")
-
-    def read_loop(denoiser: str) -> Optional[LoopView]:
-        loop = pipeline_locals(pipe)
-        if loop is None or "i" not in loop:
-            return None
-        step, n_steps = spec.step(pipe, loop)
-        return LoopView(step, n_steps, spec.cfg_scale(pipe, loop, denoiser), run=loop.get("timesteps"))
-
-    session = GuidanceSession(pipe, denoisers, spec.convention, config, read_loop)
-    session.spec = spec
-    try:
-        pipeline_rescale.attach(session)
-    except Exception:
-        session.remove()
-        raise
-    setattr(pipe, _SESSION_ATTR, session)
-    return session
-
-
-def remove_from_pipeline(pipe: Any) -> None:
-    session = getattr(pipe, _SESSION_ATTR, None)
-    if session is not None:
-        session.remove()
-
-
-def is_pipeline(target: Any) -> bool:
-    return not isinstance(target, nn.Module) and hasattr(target, "components")
-
-
-def remove_from_model(model: nn.Module) -> None:
-    """Removes the guidance session that has hooks on `model` (a pipeline's or a bare denoiser's)."""
-    session = getattr(unwrap(model), _SESSION_ATTR, None)
+def remove_session(target: Any) -> None:
+    """Removes the guidance session recorded on a pipeline or a denoiser (no-op when there is none)."""
+    session = session_of(unwrap(target) if isinstance(target, nn.Module) else target)
     if session is not None:
         session.remove()

@@ -1,6 +1,6 @@
 """What the guidance drivers need to know about one family of stock pipelines, keyed by pipeline class.
 
-A spec answers: which components are the denoisers, how the pipeline calls them (`"batched"`: one call on
+A spec answers: which components are the denoisers, how the pipeline calls them (`"cfg_batch"`: one call on
 the batch `[uncond, cond]`; `"separate"`: a cond call, then an uncond call; `"guider"`: a diffusers guider
 combines the predictions, and STG replaces that guider, see `GuiderSpec`), and what CFG scale the pipeline
 applies at this call (None when its CFG is off), in the form `f = u + g (c - u)`.
@@ -12,6 +12,9 @@ import math
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Type, Union
 
 import torch
+
+from .guider import attach_to_pipeline
+from .restart import loop_step
 
 CfgScale = Union[float, torch.Tensor, None]
 
@@ -40,35 +43,63 @@ def get_spec(pipe: Any) -> "PipelineSpec":
 
 
 class PipelineSpec:
+    """Defaults: the CFG setting from the pipeline's public properties, the step from counted `scheduler.step`
+    calls (loop.py), N from `pipe.num_timesteps`."""
+
     pipeline_classes: Tuple[str, ...] = ()
     #: Pipeline attributes holding denoisers (missing or None ones are skipped: Wan 2.1 has no transformer_2).
     denoisers: Tuple[str, ...] = ("transformer",)
-    convention: str = "batched"
+    convention: str = "cfg_batch"
     #: None, or why apply_stg cannot drive this pipeline and what to use instead.
     unsupported: Optional[str] = None
+    #: What ends a step: "scheduler" (each `scheduler.step`) or "progress" (each progress-bar update).
+    step_signal: str = "scheduler"
+    #: Local variables of the pipeline method that calls `set_timesteps`, read once per run (loop.py): only
+    #: values that live nowhere else.
+    run_locals: Tuple[str, ...] = ()
 
-    def cfg_on(self, pipe: Any, loop: Mapping[str, Any]) -> bool:
-        if "do_classifier_free_guidance" in loop:  # a local in Allegro, Latte, CogVideoX
-            return bool(loop["do_classifier_free_guidance"])
-        return bool(pipe.do_classifier_free_guidance)
+    def start_run(self, pipe: Any, found: Mapping[str, Any]) -> Dict[str, Any]:
+        """What a run needs from its start (called right after `set_timesteps`, outside any compiled code)."""
+        return {"cfg_on": self.cfg_on(pipe, found)}
 
-    def guidance(self, pipe: Any, loop: Mapping[str, Any], denoiser: str) -> CfgScale:
+    def cfg_on(self, pipe: Any, found: Mapping[str, Any]) -> bool:
+        # Allegro, Latte and CogVideoX decide with a local `guidance_scale > 1.0`, from the same value.
+        if hasattr(type(pipe), "do_classifier_free_guidance"):
+            return bool(pipe.do_classifier_free_guidance)
+        return bool(pipe.guidance_scale > 1.0)
+
+    def guidance(self, pipe: Any, run: Any, denoiser: str, i: int) -> CfgScale:
         return pipe.guidance_scale
 
-    def cfg_scale(self, pipe: Any, loop: Mapping[str, Any], denoiser: str) -> CfgScale:
-        """The g of `f = u + g (c - u)` that the pipeline applies after this denoiser call; None: CFG off."""
-        return self.guidance(pipe, loop, denoiser) if self.cfg_on(pipe, loop) else None
+    def cfg_scale(self, pipe: Any, run: Any, denoiser: str, i: int) -> CfgScale:
+        """The g of `f = u + g (c - u)` that the pipeline applies after this denoiser call at loop position i;
+        None: CFG off."""
+        return self.guidance(pipe, run, denoiser, i) if run.values["cfg_on"] else None
 
-    def step(self, pipe: Any, loop: Mapping[str, Any]) -> Tuple[int, int]:
-        """(i, N): the step of this sampling run and its number of steps. Under `stg_ext.apply_restart` the loop
-        repeats a segment; a repeated step keeps its own step's settings (window, per-step values)."""
-        from .restart import loop_step
+    def n_steps(self, pipe: Any) -> int:
+        return int(pipe.num_timesteps)
 
-        i = int(loop["i"])
-        return loop_step(pipe, i) or (i, int(pipe._num_timesteps))
+    def step(self, pipe: Any, i: int) -> Tuple[int, int]:
+        """(step, N) of loop position i. Under `stg_ext.apply_restart` the loop repeats a segment; a repeated step
+        keeps its own step's settings (window, per-step values)."""
+        return loop_step(pipe, i) or (i, self.n_steps(pipe))
 
 
-# --- batched [uncond, cond] --------------------------------------------------------------------------------
+def timestep_table(pipe: Any) -> list:
+    """The run's timesteps as Python numbers, read once at its start (no device sync in the steps)."""
+    return pipe.scheduler.timesteps.tolist()
+
+
+def timestep_at(pipe: Any, table: list, i: int):
+    """The `t` of loop position i. With apply_restart, a table read before the restart extended the schedule has
+    the original N entries: a repeated step has its original step's t."""
+    mapped = loop_step(pipe, i)
+    if mapped is not None and len(table) == mapped[1]:
+        return table[mapped[0]]
+    return table[min(i, len(table) - 1)]
+
+
+# --- [uncond, cond] in one call ---------------------------------------------------------------------------
 
 @register_pipeline
 class MochiLTXSpec(PipelineSpec):
@@ -79,31 +110,41 @@ class MochiLTXSpec(PipelineSpec):
 
 @register_pipeline
 class LTXLongSpec(PipelineSpec):
-    # Denoises window after window, each over `scheduler.timesteps[:-1]`: N is that loop's length (its
-    # `_num_timesteps` counts one more step than the loop runs).
+    # Denoises window after window (one set_timesteps each), each over `scheduler.timesteps[:-1]`: N is that
+    # loop's length (its `_num_timesteps` counts one more step than the loop runs).
     pipeline_classes = ("LTXI2VLongMultiPromptPipeline",)
 
-    def step(self, pipe: Any, loop: Mapping[str, Any]) -> Tuple[int, int]:
-        return int(loop["i"]), len(pipe.scheduler.timesteps) - 1
+    def n_steps(self, pipe: Any) -> int:
+        return len(pipe.scheduler.timesteps) - 1
 
 
 @register_pipeline
 class CogVideoXSpec(PipelineSpec):
     pipeline_classes = ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline",
                         "CogVideoXFunControlPipeline")
+    run_locals = ("use_dynamic_cfg",)
 
-    def guidance(self, pipe: Any, loop: Mapping[str, Any], denoiser: str) -> CfgScale:
-        if not loop.get("use_dynamic_cfg", False):
+    def start_run(self, pipe: Any, found: Mapping[str, Any]) -> Dict[str, Any]:
+        values = super().start_run(pipe, found)
+        if found["use_dynamic_cfg"]:
+            # Dynamic CFG: the pipeline overwrites its scale after each call, from its base scale and the step's t;
+            # the same expression, in the same float operations, gives the value its CFG line uses at each step.
+            table = timestep_table(pipe)
+            values.update(dynamic=True, base=pipe.guidance_scale, timesteps=table, n=len(table))
+        return values
+
+    def guidance(self, pipe: Any, run: Any, denoiser: str, i: int) -> CfgScale:
+        v = run.values
+        if not v.get("dynamic"):
             return pipe.guidance_scale
-        # Dynamic CFG: the pipeline overwrites its scale *after* this call, from its base scale (a local); the
-        # same expression, in the same float operations, gives the value its CFG line will use.
-        n, t, base = loop["num_inference_steps"], loop["t"], loop["guidance_scale"]
-        return 1 + base * ((1 - math.cos(math.pi * ((n - t.item()) / n) ** 5.0)) / 2)
+        n, t, base = v["n"], timestep_at(pipe, v["timesteps"], i), v["base"]
+        return 1 + base * ((1 - math.cos(math.pi * ((n - t) / n) ** 5.0)) / 2)
 
 
 @register_pipeline
 class StableVideoDiffusionSpec(PipelineSpec):
-    # guidance_scale is a per-frame tensor (B, F, 1, 1, 1): linspace(min, max) over the frames.
+    # guidance_scale is a per-frame tensor (B, F, 1, 1, 1): linspace(min, max) over the frames, set after
+    # set_timesteps; whether CFG is on is decided before, from the scalar max_guidance_scale.
     pipeline_classes = ("StableVideoDiffusionPipeline",)
     denoisers = ("unet",)
 
@@ -113,33 +154,51 @@ class StableVideoDiffusionSpec(PipelineSpec):
 @register_pipeline
 class WanSpec(PipelineSpec):
     pipeline_classes = ("WanPipeline", "WanImageToVideoPipeline", "WanVACEPipeline", "WanVideoToVideoPipeline",
-                        "SkyReelsV2Pipeline", "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2DiffusionForcingPipeline",
-                        "SkyReelsV2DiffusionForcingImageToVideoPipeline",
-                        "SkyReelsV2DiffusionForcingVideoToVideoPipeline")
+                        "SkyReelsV2Pipeline", "SkyReelsV2ImageToVideoPipeline")
     denoisers = ("transformer", "transformer_2")
     convention = "separate"
 
-    def guidance(self, pipe: Any, loop: Mapping[str, Any], denoiser: str) -> CfgScale:
-        # Wan 2.2 uses guidance_scale_2 with its low-noise expert; the loop keeps the one in use in a local.
-        for name in ("current_guidance_scale", "guidance_scale"):
-            if name in loop:
-                return loop[name]
-        return pipe.guidance_scale
+    def start_run(self, pipe: Any, found: Mapping[str, Any]) -> Dict[str, Any]:
+        values = super().start_run(pipe, found)
+        ratio = getattr(pipe.config, "boundary_ratio", None)
+        if ratio is not None:
+            # Wan 2.2: the loop runs its high-noise expert at `guidance_scale` while t >= the boundary, then the
+            # low-noise one at `guidance_scale_2`; the same comparison, on the same tensor, per step.
+            boundary = ratio * pipe.scheduler.config.num_train_timesteps
+            values.update(high_noise=(pipe.scheduler.timesteps >= boundary).tolist(),
+                          guidance_scale_2=pipe._guidance_scale_2)
+        return values
+
+    def guidance(self, pipe: Any, run: Any, denoiser: str, i: int) -> CfgScale:
+        high = run.values.get("high_noise")
+        if high is None or timestep_at(pipe, high, i):
+            return pipe.guidance_scale
+        return run.values["guidance_scale_2"]
+
+
+@register_pipeline
+class SkyReelsV2DiffusionForcingSpec(WanSpec):
+    # Steps a deep copy of its scheduler per latent frame, several per loop iteration: a step ends with the
+    # progress bar's update, once per iteration over its step matrix (N = num_timesteps = its length).
+    pipeline_classes = ("SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
+                        "SkyReelsV2DiffusionForcingVideoToVideoPipeline")
+    step_signal = "progress"
 
 
 @register_pipeline
 class HunyuanVideoSpec(PipelineSpec):
     # CFG-distilled: `guidance_scale` is an embedded guidance input, not CFG. True CFG runs only when
-    # true_cfg_scale > 1 and a negative prompt is given; both live in locals.
+    # true_cfg_scale > 1 and a negative prompt is given; both live in locals only.
     pipeline_classes = ("HunyuanVideoPipeline", "HunyuanVideoImageToVideoPipeline", "HunyuanSkyreelsImageToVideoPipeline",
                         "HunyuanVideoFramepackPipeline")
     convention = "separate"
+    run_locals = ("do_true_cfg", "true_cfg_scale")
 
-    def cfg_on(self, pipe: Any, loop: Mapping[str, Any]) -> bool:
-        return bool(loop["do_true_cfg"])
+    def start_run(self, pipe: Any, found: Mapping[str, Any]) -> Dict[str, Any]:
+        return {"cfg_on": bool(found["do_true_cfg"]), "true_cfg_scale": found["true_cfg_scale"]}
 
-    def guidance(self, pipe: Any, loop: Mapping[str, Any], denoiser: str) -> CfgScale:
-        return loop["true_cfg_scale"]
+    def guidance(self, pipe: Any, run: Any, denoiser: str, i: int) -> CfgScale:
+        return run.values["true_cfg_scale"]
 
 
 @register_pipeline
@@ -149,7 +208,7 @@ class CosmosSpec(PipelineSpec):
                         "Cosmos2VideoToWorldPipeline")
     convention = "separate"
 
-    def guidance(self, pipe: Any, loop: Mapping[str, Any], denoiser: str) -> CfgScale:
+    def guidance(self, pipe: Any, run: Any, denoiser: str, i: int) -> CfgScale:
         return 1.0 + pipe.guidance_scale
 
 
@@ -180,10 +239,8 @@ class GuiderSpec(PipelineSpec):
     def attach(self, pipe: Any, config: Any) -> Any:
         """Applies STG to `pipe` (the "guider" convention's apply_to_pipeline); returns the session, recorded on
         the pipeline like a guidance session, whose `remove()` undoes it."""
-        from .guider import attach_to_pipeline
-
         return attach_to_pipeline(pipe, config)
 
-    def step(self, pipe: Any, loop: Mapping[str, Any]) -> Tuple[int, int]:
+    def step(self, pipe: Any, i: int) -> Tuple[int, int]:
         raise RuntimeError(f"stg_ext: {type(pipe).__name__} is guided through its guider (convention 'guider'): "
                            "apply_to_pipeline must hand it to spec.attach(pipe, config), not to a guidance hook")

@@ -20,6 +20,24 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
+from diffusers import (AllegroPipeline, AllegroTransformer3DModel, AutoencoderKL, AutoencoderKLAllegro,
+                       AutoencoderKLCogVideoX, AutoencoderKLHunyuanVideo, AutoencoderKLHunyuanVideo15,
+                       AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, AutoencoderKLLTXVideo, AutoencoderKLMagvit,
+                       AutoencoderKLMochi, AutoencoderKLTemporalDecoder, AutoencoderKLWan, CogVideoXDDIMScheduler,
+                       CogVideoXPipeline, CogVideoXTransformer3DModel, Cosmos2VideoToWorldPipeline,
+                       CosmosTransformer3DModel, DDIMScheduler, EasyAnimatePipeline, EasyAnimateTransformer3DModel,
+                       EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline,
+                       HunyuanVideo15Transformer3DModel, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel,
+                       LTX2Pipeline, LTX2VideoTransformer3DModel, LTXImageToVideoPipeline, LTXPipeline,
+                       LTXVideoTransformer3DModel, LattePipeline, LatteTransformer3DModel, MochiPipeline,
+                       MochiTransformer3DModel, SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel,
+                       StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel, UniPCMultistepScheduler,
+                       WanPipeline, WanTransformer3DModel)
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.guiders import ClassifierFreeGuidance
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.pipelines.ltx2 import LTX2TextConnectors
+from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
 
 __all__ = ["FAMILIES", "TinyPipeline", "tiny_pipeline"]
 
@@ -155,7 +173,6 @@ def _t5_text(seed: int, dim: int, umt5: bool = False) -> dict:
 def _wan_vae(z_dim: int = 4):
     """AutoencoderKLWan at the stock 8x spatial / 4x temporal compression, 3 base channels. latents_mean/std
     must have z_dim entries (the pipelines view them as (1, z_dim, 1, 1, 1))."""
-    from diffusers import AutoencoderKLWan
 
     return AutoencoderKLWan(base_dim=3, z_dim=z_dim, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                             temperal_downsample=[False, True, True], latents_mean=[0.0] * z_dim,
@@ -165,7 +182,6 @@ def _wan_vae(z_dim: int = 4):
 def _ddim():
     """DDIM (eta 0: deterministic) on the linear beta schedule, without x0 clipping: the default clip_sample=True
     clamps the few-step latents of random weights to [-1, 1]."""
-    from diffusers import DDIMScheduler
 
     return DDIMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, clip_sample=False)
 
@@ -210,8 +226,6 @@ def _family(name: str, **spec):
          call=lambda pipe, gen, cfg: dict(_embeds(gen, cfg, 32, mask=True), guidance_scale=_scale(cfg)),
          text=lambda seed: _t5_text(seed, 32))
 def _mochi(seed, text, vae):
-    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
-
     transformer = _seeded(seed, lambda: MochiTransformer3DModel(
         patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=3, pooled_projection_dim=16,
         in_channels=12, text_embed_dim=32, time_embed_dim=16, max_sequence_length=16))
@@ -241,8 +255,6 @@ def _ltx_i2v_call(pipe, gen, cfg):
 
 
 def _ltx_parts(seed, vae):
-    from diffusers import AutoencoderKLLTXVideo, LTXVideoTransformer3DModel
-
     transformer = _seeded(seed, lambda: LTXVideoTransformer3DModel(
         in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=16,
         cross_attention_dim=32, num_layers=3, caption_channels=32))
@@ -260,16 +272,12 @@ def _ltx_parts(seed, vae):
 @_family("ltx", denoiser_attrs=("transformer",), num_layers=3, latent_shape=(1, 192, 8), sizes=_ltx_sizes,
          call=_ltx_call, text=lambda seed: _t5_text(seed, 32))
 def _ltx(seed, text, vae):
-    from diffusers import FlowMatchEulerDiscreteScheduler, LTXPipeline
-
     return LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), **_ltx_parts(seed, vae), **text)
 
 
 @_family("ltx_i2v", denoiser_attrs=("transformer",), num_layers=3, latent_shape=(1, 192, 8), sizes=_ltx_sizes,
          call=_ltx_i2v_call, needs_vae=True)
 def _ltx_i2v(seed, text, vae):
-    from diffusers import FlowMatchEulerDiscreteScheduler, LTXImageToVideoPipeline
-
     return LTXImageToVideoPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), **_ltx_parts(seed, vae), **text)
 
 
@@ -282,9 +290,6 @@ def _ltx_i2v(seed, text, vae):
          call=lambda pipe, gen, cfg: dict(_embeds(gen, cfg, 32), guidance_scale=_scale(cfg)),
          text=lambda seed: _t5_text(seed, 32))
 def _cogvideox(seed, text, vae):
-    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline,
-                           CogVideoXTransformer3DModel)
-
     transformer = _seeded(seed, lambda: CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
         text_embed_dim=32, num_layers=3, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
@@ -310,16 +315,12 @@ def _wan_call(pipe, gen, cfg):
 
 
 def _wan_scheduler():
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     return FlowMatchEulerDiscreteScheduler(shift=3.0)
 
 
 @_family("wan", denoiser_attrs=("transformer",), num_layers=3, latent_shape=(1, 4, 3, 8, 8), sizes=_wan_sizes,
          call=_wan_call, text=lambda seed: _t5_text(seed, 32, umt5=True))
 def _wan(seed, text, vae):
-    from diffusers import WanPipeline, WanTransformer3DModel
-
     transformer = _seeded(seed, lambda: WanTransformer3DModel(**_WAN))
     return WanPipeline(scheduler=_wan_scheduler(), vae=_seeded(seed, _wan_vae) if vae else None,
                        transformer=transformer, **text)
@@ -334,8 +335,6 @@ WAN22_BOUNDARY_RATIO = 0.8
 @_family("wan22", denoiser_attrs=("transformer", "transformer_2"), num_layers=3, latent_shape=(1, 4, 3, 8, 8),
          sizes=_wan_sizes, call=_wan_call, text=lambda seed: _t5_text(seed, 32, umt5=True))
 def _wan22(seed, text, vae):
-    from diffusers import WanPipeline, WanTransformer3DModel
-
     transformer = _seeded(seed, lambda: WanTransformer3DModel(**_WAN))
     transformer_2 = _seeded(seed + 1, lambda: WanTransformer3DModel(**_WAN))  # a different expert
     return WanPipeline(scheduler=_wan_scheduler(), vae=_seeded(seed, _wan_vae) if vae else None,
@@ -346,8 +345,6 @@ def _wan22(seed, text, vae):
 @_family("skyreels_v2", denoiser_attrs=("transformer",), num_layers=3, latent_shape=(1, 4, 3, 8, 8),
          sizes=_wan_sizes, call=_wan_call)
 def _skyreels_v2(seed, text, vae):
-    from diffusers import SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
-
     transformer = _seeded(seed, lambda: SkyReelsV2Transformer3DModel(**_WAN))
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0)
     return SkyReelsV2Pipeline(scheduler=scheduler, vae=_seeded(seed, _wan_vae) if vae else None,
@@ -366,9 +363,6 @@ def _hunyuan_call(pipe, gen, cfg):
          sizes=lambda pipe: _video_sizes(3, 8, pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial),
          call=_hunyuan_call)
 def _hunyuan_video(seed, text, vae):
-    from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
-                           HunyuanVideoTransformer3DModel)
-
     transformer = _seeded(seed, lambda: HunyuanVideoTransformer3DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
         num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=32,
@@ -394,8 +388,6 @@ def _allegro_call(pipe, gen, cfg):
          sizes=lambda pipe: _video_sizes(2, 8, pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial),
          call=_allegro_call)
 def _allegro(seed, text, vae):
-    from diffusers import AllegroPipeline, AllegroTransformer3DModel, AutoencoderKLAllegro
-
     transformer = _seeded(seed, lambda: AllegroTransformer3DModel(
         num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, num_layers=3,
         cross_attention_dim=24, sample_width=8, sample_height=8, sample_frames=8, caption_channels=8))
@@ -427,9 +419,6 @@ def _cosmos_call(pipe, gen, cfg):
 
 
 def _dummy_cosmos_safety_checker():
-    from diffusers.configuration_utils import ConfigMixin
-    from diffusers.models.modeling_utils import ModelMixin
-
     class DummyCosmosSafetyChecker(ModelMixin, ConfigMixin):
         """Accepts every prompt and video (what diffusers' tests/pipelines/cosmos/cosmos_guardrail.py does)."""
 
@@ -449,8 +438,6 @@ def _dummy_cosmos_safety_checker():
 @_family("cosmos", denoiser_attrs=("transformer",), num_layers=3, latent_shape=(1, 4, 3, 8, 8), sizes=_wan_sizes,
          call=_cosmos_call, needs_vae=True)
 def _cosmos(seed, text, vae):
-    from diffusers import Cosmos2VideoToWorldPipeline, CosmosTransformer3DModel, FlowMatchEulerDiscreteScheduler
-
     # concat_padding_mask=False: its padding-mask path needs torchvision.
     transformer = _seeded(seed, lambda: CosmosTransformer3DModel(
         in_channels=5, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=3, mlp_ratio=2,
@@ -470,9 +457,6 @@ def _cosmos(seed, text, vae):
          call=lambda pipe, gen, cfg: dict(_embeds(gen, cfg, 16, mask=True), guidance_scale=_scale(cfg)),
          needs_vae=True)
 def _easyanimate(seed, text, vae):
-    from diffusers import (AutoencoderKLMagvit, EasyAnimatePipeline, EasyAnimateTransformer3DModel,
-                           FlowMatchEulerDiscreteScheduler)
-
     transformer = _seeded(seed, lambda: EasyAnimateTransformer3DModel(
         attention_head_dim=16, num_attention_heads=2, in_channels=4, out_channels=4, mmdit_layers=1, num_layers=3,
         patch_size=2, sample_height=60, sample_width=90, text_embed_dim=16, time_embed_dim=8))
@@ -496,8 +480,6 @@ def _easyanimate(seed, text, vae):
          call=lambda pipe, gen, cfg: dict(_embeds(gen, cfg, 8), guidance_scale=_scale(cfg), negative_prompt=None,
                                           mask_feature=False))
 def _latte(seed, text, vae):
-    from diffusers import AutoencoderKL, LattePipeline, LatteTransformer3DModel
-
     transformer = _seeded(seed, lambda: LatteTransformer3DModel(
         sample_size=8, num_layers=3, patch_size=2, attention_head_dim=4, num_attention_heads=2, caption_channels=8,
         in_channels=4, cross_attention_dim=8, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
@@ -524,8 +506,6 @@ def _svd_call(pipe, gen, cfg):
          sizes=lambda pipe: dict(num_frames=3, height=8 * pipe.vae_scale_factor, width=8 * pipe.vae_scale_factor),
          call=_svd_call, needs_vae=True)
 def _svd(seed, text, vae):
-    from diffusers import (AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, StableVideoDiffusionPipeline,
-                           UNetSpatioTemporalConditionModel)
     import transformers
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -569,11 +549,6 @@ def _ltx2_call(pipe, gen, cfg):
                                           pipe.vae_spatial_compression_ratio),
          call=_ltx2_call, needs_vae=True)
 def _ltx2(seed, text, vae):
-    from diffusers import (AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler,
-                           LTX2Pipeline, LTX2VideoTransformer3DModel)
-    from diffusers.pipelines.ltx2 import LTX2TextConnectors
-    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
-
     transformer = _seeded(seed, lambda: LTX2VideoTransformer3DModel(
         in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
         cross_attention_dim=16, audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2,
@@ -631,10 +606,6 @@ def _hunyuan15_call(pipe, gen, cfg):
          sizes=lambda pipe: _video_sizes(3, 8, pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial),
          call=_hunyuan15_call, needs_vae=True)
 def _hunyuan_video15(seed, text, vae):
-    from diffusers import (AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline,
-                           HunyuanVideo15Transformer3DModel)
-    from diffusers.guiders import ClassifierFreeGuidance
-
     transformer = _seeded(seed, lambda: HunyuanVideo15Transformer3DModel(
         in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=3,
         num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=8,

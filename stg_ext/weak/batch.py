@@ -6,7 +6,7 @@ from typing import Any, Callable, Sequence, Tuple
 import torch
 from torch import nn
 
-from .adapters.base import ModelAdapter, _PARAMS, read_signature
+from .adapters.base import ModelAdapter, positional_names
 
 
 def take(value: Any, batch: int, rows: slice) -> Any:
@@ -24,8 +24,7 @@ def map_per_sample(module: nn.Module, shared: Sequence[str], args: tuple, kwargs
                    fn: Callable[[Any], Any]) -> Tuple[tuple, dict]:
     """`fn` applied to every argument of a call on `module` except the `shared` ones (per-call data such as
     rotary tables), found by name in the module's signature."""
-    read_signature(module)
-    names = _PARAMS[type(module)][0]
+    names = positional_names(module)
     shared = set(shared)
     new_args = tuple(a if i < len(names) and names[i] in shared else fn(a) for i, a in enumerate(args))
     new_kwargs = {k: v if k in shared else fn(v) for k, v in kwargs.items()}

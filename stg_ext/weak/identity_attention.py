@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .adapters.base import JointLayout
+from ..ops import identity_joint_attention
 
 
 def _sdpa_args(args, kwargs):
@@ -40,7 +41,6 @@ def _as_bias(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch
 
 def joint_identity_sdpa(query, key, value, attn_mask, scale, n_video: int, layout: JointLayout) -> torch.Tensor:
     """Identity attention on a joint [video; text] (or [text; video]) sequence, in SDPA's (B, H, S, D) layout."""
-    from ..ops import identity_joint_attention
 
     heads, seq = query.shape[-3], query.shape[-2]
     key, value = _repeat_kv(key, heads), _repeat_kv(value, heads)

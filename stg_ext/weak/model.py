@@ -4,8 +4,8 @@
         p = transformer(**inputs)            # the perturbed prediction
     c = transformer(**inputs)                # untouched again
 
-`apply_stg(model, layer, mode)` installs the same perturbation until `.remove()` (or `remove_stg(model)`);
-its handle is also a context manager. Pipelines: see the pipeline-level `apply_stg` (issue 4).
+`stg_ext.weak_model(model, layer, mode)` installs the same perturbation until `.remove()` (or
+`stg_ext.remove_stg(model)`). Guidance (`apply_stg`) installs it inactive and switches it on per pass.
 """
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ from torch import nn
 
 from .adapters import get_adapter
 from .adapters.base import Layer, ModelAdapter
+from ..handle import Handle
 from .hooks import IDENTITY_HOOK, SKIP_HOOK, IdentityAttentionHook, PerturbationState, SkipBlockHook, install, uninstall
 
+#: An index, a module path, or a sequence of those (STG_SPEC section 3).
 LayerSpec = Union[int, str, Sequence[Union[int, str]]]
 
 _HANDLE_ATTR = "_stg_ext_weak_handle"
@@ -62,7 +64,7 @@ def _check_mode(adapter: ModelAdapter, model: nn.Module, mode: str) -> None:
                          f"{', '.join(repr(m) for m in adapter.modes())}")
 
 
-class STGHandle:
+class WeakModelHandle(Handle):
     """An installed perturbation. `.remove()` restores the model exactly; usable as a context manager."""
 
     def __init__(self, model: nn.Module, layers: List[Layer], mode: str, state: PerturbationState,
@@ -83,25 +85,21 @@ class STGHandle:
         if getattr(self.model, _HANDLE_ATTR, None) is self:
             delattr(self.model, _HANDLE_ATTR)
 
-    def __enter__(self) -> "STGHandle":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
     def __repr__(self) -> str:
-        return f"STGHandle({type(self.model).__name__}, layers={self.layer_indices}, mode={self.mode!r})"
+        return f"WeakModelHandle({type(self.model).__name__}, layers={self.layer_indices}, mode={self.mode!r})"
 
 
-def install_perturbation(model: nn.Module, layer: LayerSpec, mode: str, *, active: bool = True,
-                         value_only: bool = True) -> STGHandle:
-    """Installs the weak model's hooks (replacing any earlier stg_ext installation on `model`)."""
+def weak_model(model: nn.Module, layer: LayerSpec, mode: str = "attention", *,
+               value_only: bool = True) -> WeakModelHandle:
+    """Makes `model` the weak model until `.remove()`: `model(...)` computes the perturbed prediction p (replacing
+    an earlier weak model on `model`). value_only=False forces the exact SDPA-interception path of STG-A everywhere
+    (the reference of the value-only fast path)."""
     model = unwrap(model)
     adapter = get_adapter(model)
     _check_mode(adapter, model, mode)
     layers = resolve_layers(adapter, model, layer)
-    remove_stg(model)
-    state = PerturbationState(active=active, value_only=value_only)
+    remove_weak_model(model)
+    state = PerturbationState(active=True, value_only=value_only)
     installed: List[Tuple[nn.Module, str]] = []
     try:
         for lay in layers:
@@ -109,7 +107,7 @@ def install_perturbation(model: nn.Module, layer: LayerSpec, mode: str, *, activ
     except Exception:
         uninstall(installed)
         raise
-    handle = STGHandle(model, layers, mode, state, installed)
+    handle = WeakModelHandle(model, layers, mode, state, installed)
     setattr(model, _HANDLE_ATTR, handle)
     return handle
 
@@ -155,16 +153,14 @@ def check_mode(model: nn.Module, mode: str) -> None:
     _check_mode(get_adapter(model), model, mode)
 
 
-def perturbed(model: nn.Module, layer: LayerSpec, mode: str = "attention", *, value_only: bool = True) -> STGHandle:
-    """Context manager: inside, `model(...)` computes the perturbed prediction p; outside, the stock model.
-
-    value_only=False forces the exact SDPA-interception path of STG-A everywhere (the reference of the
-    value-only fast path)."""
-    return install_perturbation(model, layer, mode, value_only=value_only)
+def perturbed(model: nn.Module, layer: LayerSpec, mode: str = "attention", *,
+              value_only: bool = True) -> WeakModelHandle:
+    """Context manager: inside, `model(...)` computes the perturbed prediction p; outside, the stock model."""
+    return weak_model(model, layer, mode, value_only=value_only)
 
 
-def remove_stg(model: nn.Module) -> None:
-    """Removes whatever stg_ext installed on `model` (no-op when nothing is installed)."""
+def remove_weak_model(model: nn.Module) -> None:
+    """Removes the weak model installed on `model` by `weak_model`/`perturbed` (no-op when there is none)."""
     handle = getattr(unwrap(model), _HANDLE_ATTR, None)
     if handle is not None:
         handle.remove()

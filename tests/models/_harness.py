@@ -131,7 +131,7 @@ class WeakModelTests:
         pristine = copy.deepcopy(model)
         state = {k: v.clone() for k, v in model.state_dict().items()}
         for mode in self.case.modes:
-            handle = stg_ext.apply_stg(model, -1, mode)
+            handle = stg_ext.weak_model(model, -1, mode)
             assert not torch.equal(run(model, inputs), cond)
             handle.remove()
             assert torch.equal(run(model, inputs), run(pristine, inputs))
@@ -147,8 +147,8 @@ class WeakModelTests:
         mode = self.case.modes[0]
         with stg_ext.perturbed(model, self.case.n_layers - 1, mode):
             want = run(model, inputs)
-        stg_ext.apply_stg(model, 0, mode)
-        handle = stg_ext.apply_stg(model, self.case.n_layers - 1, mode)
+        stg_ext.weak_model(model, 0, mode)
+        handle = stg_ext.weak_model(model, self.case.n_layers - 1, mode)
         try:
             assert torch.equal(run(model, inputs), want)
         finally:

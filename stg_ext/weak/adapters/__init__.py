@@ -1,6 +1,8 @@
 """Registry of model-family adapters, keyed by model class (name), most specific class first."""
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Dict, List, Type
 
 from torch import nn
@@ -42,9 +44,6 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
 
 # Family adapters (one module per family in this package) register themselves on import.
 def _import_families() -> None:
-    import importlib
-    import pkgutil
-
     for info in pkgutil.iter_modules(__path__):
         if info.name != "base":
             importlib.import_module(f"{__name__}.{info.name}")

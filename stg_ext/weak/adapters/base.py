@@ -179,6 +179,12 @@ def read_signature(module: nn.Module) -> None:
     _PARAMS[cls] = (tuple(names), defaults)
 
 
+def positional_names(module: nn.Module) -> Tuple[str, ...]:
+    """The forward's positional-or-keyword parameter names, in order."""
+    read_signature(module)
+    return _PARAMS[type(module)][0]
+
+
 def argument(module: nn.Module, args: tuple, kwargs: dict, name: str) -> Any:
     """The value of forward parameter `name` in a call `module(*args, **kwargs)` (its default if not passed)."""
     read_signature(module)  # a no-op once installed hooks have read it

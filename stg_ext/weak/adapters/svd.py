@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, List, Optional
 
+from diffusers.models.transformers.transformer_temporal import TransformerTemporalModelOutput
 from torch import nn
 
 from . import register_adapter
@@ -73,7 +74,6 @@ class SVDAdapter(ModelAdapter):
         hidden_states = argument(module, args, kwargs, "hidden_states")
         if not argument(module, args, kwargs, "return_dict"):
             return (hidden_states,)
-        from diffusers.models.transformers.transformer_temporal import TransformerTemporalModelOutput
 
         return TransformerTemporalModelOutput(sample=hidden_states)
 

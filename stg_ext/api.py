@@ -1,0 +1,62 @@
+"""The public entry points: guidance on a pipeline or a denoiser, the weak model alone, and their removal."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .guidance.callers import apply_to_denoiser, apply_to_pipeline
+from .guidance.config import STGConfig
+from .guidance.loop import is_pipeline
+from .guidance.manual import apply_to_custom_loop
+from .guidance.session import remove_session
+from .weak.model import perturbed, remove_weak_model, weak_model
+
+__all__ = ["apply_stg", "remove_stg", "weak_model", "perturbed"]
+
+_UNSET = object()
+
+
+def apply_stg(target: Any, layer: Any, mode: Any = "attention", *, scale: Any = 1.0, rescale: Any = 0.0,
+              start: float = 0.0, stop: float = 1.0, orthogonalize: bool = False, strategy: str = "sequential",
+              cfg_scale: Any = _UNSET):
+    """Turns on STG guidance on `target` in place, removably; returns a handle with `.remove()` (also a context
+    manager). Applying again replaces the settings.
+
+    - A stock diffusers pipeline, or the denoiser a stock pipeline calls (`pipe.transformer`, `pipe.unet`): each
+      sampling run then samples with STG (STG_SPEC sections 2 and 4) at the pipeline's own CFG scale. On a
+      denoiser, the loop of whichever pipeline calls it is followed; the result is that of `apply_stg(pipe, ...)`.
+      `mode` may be a tuple of modes (one perturbed pass each, factorized guidance) with `scale` a tuple of the
+      same length; `layer`, `scale`, `rescale` may be per step (`layer=stg_ext.per_step([...])`, `scale=[...]`
+      of length N); `start`/`stop` bound the window.
+    - A denoiser with `cfg_scale=` (a float, a tensor, or None for STG alone): for custom loops; each call on
+      `[uncond, cond]` returns `[u, c']` such that your own CFG line yields STG's `f` (`session.set_step(i, n)`
+      for windows and per-step settings).
+
+    `strategy="sequential"` (default) computes the perturbed branch from the first perturbed block on, starting
+    from the cond pass's activations there (STG_SPEC section 5); `"batched"` carries the perturbed rows in the
+    stock call from that block on; `"naive"` runs a full third pass. The weak model alone: `weak_model`.
+    """
+    config = STGConfig(layer, mode, scale=scale, rescale=rescale, start=start, stop=stop,
+                       orthogonalize=orthogonalize, strategy=strategy)
+    if is_pipeline(target):
+        if cfg_scale is not _UNSET:
+            raise TypeError("stg_ext.apply_stg: cfg_scale is read from the pipeline at each call; pass it to pipe(...)")
+        remove_stg(target)
+        return apply_to_pipeline(target, config)
+    if not isinstance(target, nn.Module):
+        raise TypeError(f"stg_ext.apply_stg: {type(target).__name__} is neither a diffusers pipeline nor a denoiser "
+                        "module")
+    remove_stg(target)
+    if cfg_scale is _UNSET:
+        return apply_to_denoiser(target, config)
+    return apply_to_custom_loop(target, config, cfg_scale)
+
+
+def remove_stg(target: Any) -> None:
+    """Removes whatever stg_ext installed on a pipeline or a denoiser: guidance, or a weak model (no-op when
+    nothing is installed)."""
+    remove_session(target)
+    if isinstance(target, nn.Module):
+        remove_weak_model(target)
+
