@@ -84,6 +84,7 @@ def main(argv=None) -> int:
     p.add_argument("--plot", type=Path, default=ROOT / "docs" / "world_model_loss.png")
     p.add_argument("--resume", action="store_true", help="reuse WORK/vae and WORK/latents.pt")
     p.add_argument("--no-samples", action="store_true")
+    p.add_argument("--stop-after-vae", action="store_true", help="train and save the VAE (WORK/vae), then stop")
     for f in fields(W.TrainConfig):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     args = p.parse_args(argv)
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
         say("resumed the VAE and latents")
     else:
         t0 = time.perf_counter()
-        W.train_vae(parts["vae"], data["videos"], cfg, log, say)
+        W.train_vae(parts["vae"], data["videos"], cfg, log, say, masks=data["masks"])
         vae_time = time.perf_counter() - t0
         say(f"VAE trained in {vae_time / 60:.1f} min")
         t0 = time.perf_counter()
@@ -120,6 +121,9 @@ def main(argv=None) -> int:
         torch.save(latents, work / "latents.pt")
         say(f"latents {tuple(latents.shape)} encoded in {time.perf_counter() - t0:.0f}s; mean {mean.tolist()} "
             f"std {std.tolist()}")
+    if args.stop_after_vae:
+        plot_losses(log.rows, work / "loss.png")
+        return 0
     vae = parts["vae"].requires_grad_(False).eval()
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)

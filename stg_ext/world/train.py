@@ -34,9 +34,12 @@ class TrainConfig:
     clips: int = 4000  # training clips (split "train"), rendered once
     vae_steps: int = 700
     vae_batch: int = 4
-    vae_lr: float = 1e-3
+    vae_lr: float = 7e-4
     vae_kl: float = 1e-6
-    steps: int = 6000  # transformer steps
+    vae_frames: int = 9  # train the VAE on windows of this many frames (1 + 4k; 0: whole clips)
+    vae_fg_weight: float = 4.0  # extra weight of object pixels in the VAE loss (they cover ~5% of a frame)
+    vae_noise: float = 0.0  # decode mean + vae_noise * noise (0: the posterior mean, a plain autoencoder)
+    steps: int = 5000  # transformer steps
     batch: int = 16
     lr: float = 5e-4
     warmup: int = 200
@@ -45,17 +48,18 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 10
     threads: int = 1
-    time_limit_min: float = 0.0  # stop the transformer phase after this many minutes of training (0: no limit)
+    time_limit_min: float = 55.0  # stop the transformer phase after this many minutes of training (0: no limit)
 
 
 def render_dataset(n: int, seed: int) -> Dict[str, object]:
-    """n clips of the train split: videos (n, 3, T, H, W) in [-1, 1] and their prompts."""
-    videos, prompts = [], []
+    """n clips of the train split: videos (n, 3, T, H, W) in [-1, 1], object masks (n, T, H, W) and prompts."""
+    videos, masks, prompts = [], [], []
     for i in range(n):
         clip = render(sample_spec("train", seed * 1_000_003 + i))
         videos.append(torch.from_numpy(clip.video).permute(3, 0, 1, 2))
+        masks.append(torch.from_numpy(clip.masks.any(axis=0)))
         prompts.append(clip.prompt)
-    return dict(videos=torch.stack(videos) * 2 - 1, prompts=prompts)
+    return dict(videos=torch.stack(videos) * 2 - 1, masks=torch.stack(masks), prompts=prompts)
 
 
 def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -78,7 +82,8 @@ class Log:
             csv.writer(fh).writerow([row.get(f, "") for f in self.fields])
 
 
-def train_vae(vae, videos: torch.Tensor, cfg: TrainConfig, log: Log, say: Callable[[str], None]) -> None:
+def train_vae(vae, videos: torch.Tensor, cfg: TrainConfig, log: Log, say: Callable[[str], None],
+              masks: Optional[torch.Tensor] = None) -> None:
     gen = torch.Generator().manual_seed(cfg.seed + 10)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     vae.train()
@@ -88,11 +93,19 @@ def train_vae(vae, videos: torch.Tensor, cfg: TrainConfig, log: Log, say: Callab
             g["lr"] = _lr_at(step, cfg.vae_steps, cfg.vae_lr, 50)
         idx = torch.randint(len(videos), (cfg.vae_batch,), generator=gen)
         x = videos[idx]
+        w = torch.ones(x.shape[0], 1, *x.shape[2:])
+        if cfg.vae_fg_weight and masks is not None:
+            w = w + cfg.vae_fg_weight * masks[idx].unsqueeze(1).float()
+        if cfg.vae_frames and cfg.vae_frames < x.shape[2]:
+            t0 = int(torch.randint(x.shape[2] - cfg.vae_frames + 1, (1,), generator=gen))
+            x, w = x[:, :, t0:t0 + cfg.vae_frames], w[:, :, t0:t0 + cfg.vae_frames]
         post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        # The posterior's own std starts at 1 and the KL term is tiny: sampling it would drown the mean in noise
+        # for hundreds of steps. The latents used downstream are the posterior means.
+        z = post.mean + cfg.vae_noise * torch.randn(post.mean.shape, generator=gen)
         rec = vae.decode(z).sample
-        mse = (rec - x).pow(2).mean()
-        l1 = (rec - x).abs().mean()
+        mse = ((rec - x).pow(2) * w).mean() / w.mean()
+        l1 = ((rec - x).abs() * w).mean() / w.mean()
         kl = post.kl().mean() / x[0].numel()
         loss = mse + l1 + cfg.vae_kl * kl * x[0].numel()
         opt.zero_grad(set_to_none=True)
