@@ -1,8 +1,6 @@
-"""The Triton backend of stg_ext.combine against the PyTorch reference, on CPU under the Triton interpreter."""
+"""The Triton backend of stg_ext.combine against the PyTorch reference: on the GPU where there is one, else on
+CPU tensors under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 only without a GPU)."""
 import os
-
-# Must precede the first import of triton (stg_ext imports it lazily, torch may import it on its own).
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib.util  # noqa: E402
 import warnings  # noqa: E402
@@ -15,9 +13,10 @@ from stg_ext.ops.reference import combine_reference  # noqa: E402
 
 from ._triton_trace import trace_without_interpreter  # noqa: E402
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
-    reason="needs triton, and TRITON_INTERPRET=1 set before triton is imported (CPU tensors)")
+    importlib.util.find_spec("triton") is None or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
+    reason="needs triton, and a GPU or TRITON_INTERPRET=1 set before triton is imported (CPU tensors)")
 
 def _amax(t):
     return t.float().abs().max().item() if t.numel() else 0.0
@@ -54,7 +53,7 @@ def _tensors(shape, dtype, seed=0, transposed=False):
     """cond, p, q, uncond; with transposed=True, non-contiguous views (last two dims swapped in memory)."""
     gen = torch.Generator().manual_seed(seed)
     store = shape[:-2] + (shape[-1], shape[-2]) if transposed else shape
-    out = [torch.randn(store, generator=gen).to(dtype) for _ in range(4)]
+    out = [torch.randn(store, generator=gen).to(DEVICE, dtype) for _ in range(4)]
     return [t.transpose(-1, -2) for t in out] if transposed else out
 
 
@@ -62,8 +61,8 @@ def _per_frame_cfg(shape):
     """SVD-style per-frame guidance: 1 on the first frame rising to 4.5, shaped (B, 1, F, 1, 1) on 5-D."""
     if len(shape) == 5:
         frames = torch.linspace(1.0, 4.5, shape[2]).view(1, 1, -1, 1, 1)
-        return frames.expand(shape[0], 1, shape[2], 1, 1).clone()
-    return torch.linspace(1.5, 4.5, shape[0]).view((shape[0],) + (1,) * (len(shape) - 1))
+        return frames.expand(shape[0], 1, shape[2], 1, 1).clone().to(DEVICE)
+    return torch.linspace(1.5, 4.5, shape[0]).view((shape[0],) + (1,) * (len(shape) - 1)).to(DEVICE)
 
 
 def _kwargs(case, shape, p, q, u):
@@ -108,7 +107,7 @@ def test_degenerate_samples(shape):
 
     One-element samples have std 0, so rescale must leave them alone (factor 1)."""
     c, p, q, u = _tensors(shape, torch.float32, seed=2) if len(shape) >= 2 else \
-        [torch.randn(shape) for _ in range(4)]
+        [torch.randn(shape, device=DEVICE) for _ in range(4)]
     kw = dict(perturbed=(p, q), uncond=u, cfg_scale=4.5, stg_scale=(1.0, 0.5), orthogonalize=True, rescale=0.7)
     with warnings.catch_warnings():  # the reference's std() of an empty sample warns
         warnings.filterwarnings("ignore", message=r"std\(\): degrees of freedom")
@@ -120,8 +119,8 @@ def test_constant_sample_keeps_factor_one():
     """std(f) = 0 means factor 1 (STG_SPEC 2). A one-pass E[f^2] - E[f]^2 in fp32 leaves rounding noise that
     turns into an arbitrary factor. Compared with rescale=0 rather than with the reference, whose own std() of a
     constant is not always exactly 0 either."""
-    c = torch.full((2, 3, 4097), 12.345)
-    c[1] = torch.randn(3, 4097)
+    c = torch.full((2, 3, 4097), 12.345, device=DEVICE)
+    c[1] = torch.randn(3, 4097, device=DEVICE)
     p, u = torch.full_like(c, -0.37), torch.full_like(c, 0.013)
     kw = dict(perturbed=p, uncond=u, cfg_scale=4.5, stg_scale=1.0)
     out = stg_ext.combine(c, **kw, rescale=1.0, backend="triton")
@@ -138,7 +137,7 @@ def test_direct_op_call_edge_cases():
     out = combine_triton(c, [p], u, None, 4.5, [0.0], 0.0, False, False)
     _assert_matches(out, combine_reference(c, [p], u, 4.5, [0.0], 0.0, False, False), c)
     # A cfg tensor overrides cfg_scale; orthogonalize without rescale.
-    g = torch.rand(2, 3, 5) * 4 + 1
+    g = torch.rand(2, 3, 5, device=DEVICE) * 4 + 1
     out = combine_triton(c, [p, q], u, g, 123.0, [1.0, 0.5], 0.0, True, True)
     _assert_matches(out, combine_reference(c, [p, q], u, g, [1.0, 0.5], 0.0, True, True), c)
     with pytest.raises(ValueError, match="orthogonalize"):
@@ -180,5 +179,6 @@ def test_torch_compile_traces_kernels_without_interpreter():
         """,
         "[torch.randn(2, 4, 3, 5, 6) for _ in range(4)] + [torch.linspace(1.0, 4.5, 3).view(1, 1, 3, 1, 1)]",
         "stg_ext.combine_triton")
-    # Decomposed into its two kernels (reduction, write), not kept as an opaque custom op.
-    assert (kernels, custom_op) == (2, False)
+    # Decomposed into its three kernels (reduction, per-sample coefficients, write), not kept as an opaque
+    # custom op.
+    assert (kernels, custom_op) == (3, False)

@@ -2,10 +2,7 @@
 ("cpu", "triton" under the interpreter, "cuda" where it exists) against the reference, exact results for
 T = 0 and fully masked rows, non-contiguous inputs, bad input, torch.library and torch.compile integration.
 """
-import os
-
-# Must precede the first import of triton (stg_ext imports it lazily, torch may import it on its own).
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import os  # noqa: F401  (tests/conftest.py chose TRITON_INTERPRET before triton was imported)
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -109,6 +106,26 @@ def test_backend_matches_reference(backend, dtype, shape, bias):
     got = identity_joint_attention(q, k, v, kt, vt, text_bias=tb, backend=backend)
     want = identity_joint_attention_reference(q, k, v, kt, vt, tb, shape[3] ** -0.5)
     assert got.dtype == v.dtype and got.shape == v.shape and got.is_contiguous()
+    assert_close(got, want)
+
+
+@pytest.mark.skipif("triton" not in FAST, reason="needs triton (a GPU, or the interpreter)")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_multi_chunk_softmax(dtype):
+    """The text keys span several BLOCK_T chunks in every launch config: the running max grows in a later chunk
+    (alpha < 1 rescales the accumulator), one sample's whole first chunk is masked, a partial last chunk."""
+    from stg_ext.kernels import identity_attention_triton as it
+
+    block_t = max(c.kwargs["BLOCK_T"] for c in it.CONFIGS)
+    B, H, N, D, T = 2, 2, 40, 32, 3 * block_t + 5
+    assert T > 3 * block_t  # >= 4 chunks, the last one partial
+    q, k, v, kt, vt, _ = make_inputs((B, H, N, D, T), dtype, device=_device("triton"))
+    kt[:, :, T - 3] *= 4  # large logits in the last chunk: the max moves there
+    tb = torch.zeros(B, 1, N, T, device=q.device)
+    tb[1, ..., :block_t] = float("-inf")  # sample 1: its whole first chunk hidden
+    tb[0, :, ::3, T - 3] = float("-inf")  # and the big key hidden from every third query of sample 0
+    got = identity_joint_attention(q, k, v, kt, vt, text_bias=tb, backend="triton")
+    want = identity_joint_attention_reference(q, k, v, kt, vt, tb, D ** -0.5)
     assert_close(got, want)
 
 
