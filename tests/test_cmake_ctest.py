@@ -20,3 +20,6 @@ def test_cmake_build_and_ctest(tmp_path):
         res = subprocess.run(cmd, cwd=build if cmd[0] == "ctest" else ROOT, capture_output=True, text=True)
         assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
     assert "100% tests passed" in res.stdout
+    # OpenMP reached the link (at::parallel_for would run serially without it).
+    (lib,) = build.glob("libstg_ext_ops*.so")
+    assert b"GOMP_parallel" in lib.read_bytes()

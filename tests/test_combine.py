@@ -331,3 +331,30 @@ def test_property_compiled_matches_reference(shape, cfg, s1, s2, r, two, ortho, 
     assert got.shape == cond.shape and torch.isfinite(got).all() == torch.isfinite(want).all()
     # Rescale can amplify (std(c)/std(f) large when f nearly constant): compare relative to the result.
     assert_close(got, want)
+
+
+@needs_compiled
+def test_cpu_op_is_built_with_openmp_and_thread_count_independent():
+    """The C++ ops run at::parallel_for over fixed work items (OpenMP: setup.py and CMake compile and link with
+    -fopenmp); the result must not depend on the thread count, bit for bit, with rescale's reductions too."""
+    import stg_ext._C as ext
+
+    with open(ext.__file__, "rb") as f:
+        assert b"GOMP_parallel" in f.read(), "stg_ext._C was built without OpenMP (at::parallel_for runs serially)"
+    gen = torch.Generator().manual_seed(5)
+    c, p, q, u = (torch.randn(2, 3 * 32768 + 11, generator=gen).to(torch.bfloat16) for _ in range(4))
+    kernels = [lambda: combine(c, (p, q), u, cfg_scale=4.5, stg_scale=(1.0, 0.5), rescale=0.7, orthogonalize=True,
+                               backend="cpu"),
+               lambda: combine(c.float(), p.float(), u.float(), cfg_scale=4.5, stg_scale=1.0, rescale=0.7,
+                               backend="cpu")]
+    previous = torch.get_num_threads()
+    try:
+        results = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results[threads] = [fn() for fn in kernels]
+    finally:
+        torch.set_num_threads(previous)
+    for one, two in zip(results[1], results[2]):
+        assert torch.equal(one.view(torch.int16) if one.dtype == torch.bfloat16 else one.view(torch.int32),
+                           two.view(torch.int16) if two.dtype == torch.bfloat16 else two.view(torch.int32))
