@@ -129,6 +129,12 @@ def test_triton_multi_chunk_softmax(dtype):
     assert_close(got, want)
 
 
+def test_triton_refuses_head_dims_above_128():
+    q, k, v, kt, vt, _ = make_inputs((1, 1, 4, 160, 3), torch.float32)
+    with pytest.raises(ValueError, match="backend 'triton' takes head dims up to 128, got 160"):
+        identity_joint_attention(q, k, v, kt, vt, backend="triton")
+
+
 @pytest.mark.skipif(not FAST, reason="no compiled or Triton backend here")
 @pytest.mark.parametrize("backend", FAST)
 def test_custom_scale_and_scalar_bias(backend):

@@ -33,11 +33,11 @@ def triton_runs_on(device: torch.device) -> bool:
 
 
 def resolve_op_backend(op: str, label: str, backend: str, x: torch.Tensor, unfusable: Optional[str] = None,
-                        cuda_unfit: Optional[str] = None) -> str:
+                        cuda_unfit: Optional[str] = None, triton_unfit: Optional[str] = None) -> str:
     """The backend that runs `op` on tensors like `x` (see the module docstring for "auto").
 
     unfusable: None, or why no fused backend takes these arguments ("takes dtypes ... (got ...)");
-    cuda_unfit: None, or why the CUDA kernel does not (others may still)."""
+    cuda_unfit / triton_unfit: None, or why the CUDA / Triton kernel does not (others may still)."""
     if backend not in BACKENDS:
         raise ValueError(f"{label}: unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
     device = x.device.type
@@ -48,7 +48,7 @@ def resolve_op_backend(op: str, label: str, backend: str, x: torch.Tensor, unfus
             return "cpu"
         if device == "cuda" and cuda_unfit is None and extension.has_kernel(op, "CUDA"):
             return "cuda"
-        if device == "cuda" and triton_runs_on(x.device):
+        if device == "cuda" and triton_unfit is None and triton_runs_on(x.device):
             return "triton"
         return "torch"
     if backend != "torch" and unfusable is not None:
@@ -62,6 +62,8 @@ def resolve_op_backend(op: str, label: str, backend: str, x: torch.Tensor, unfus
             raise RuntimeError(f"{label}: backend {backend!r} is unavailable ({why})")
     if backend == "cuda" and cuda_unfit is not None:
         raise ValueError(f"{label}: backend 'cuda' {cuda_unfit}; use backend='triton', 'torch' or 'auto'")
+    if backend == "triton" and triton_unfit is not None:
+        raise ValueError(f"{label}: backend 'triton' {triton_unfit}; use backend='cuda', 'torch' or 'auto'")
     if backend == "triton" and not triton_runs_on(x.device):
         raise RuntimeError(f"{label}: backend 'triton' needs triton and CUDA tensors "
                            "(or CPU tensors with TRITON_INTERPRET=1 set before triton is imported)")

@@ -13,6 +13,7 @@ from .reference import identity_joint_attention_reference
 _ATTENTION = "stg_ext.identity_joint_attention"
 # Head dims the CUDA kernel takes (csrc/cuda/identity_attention_cuda.cuh); larger ones use Triton or torch.
 CUDA_ATTENTION_MAX_HEAD_DIM = 256
+TRITON_ATTENTION_MAX_HEAD_DIM = 128  # kernels/identity_attention_triton.py MAX_HEAD_DIM
 
 
 def resolve_attention_backend(backend: str, q: torch.Tensor) -> str:
@@ -21,7 +22,11 @@ def resolve_attention_backend(backend: str, q: torch.Tensor) -> str:
         unfusable = f"takes dtypes {', '.join(str(d) for d in FUSED_DTYPES)} (got {q.dtype})"
     if q.shape[-1] > CUDA_ATTENTION_MAX_HEAD_DIM:
         cuda_unfit = f"takes head dims up to {CUDA_ATTENTION_MAX_HEAD_DIM}, got {q.shape[-1]}"
-    return resolve_op_backend("identity_joint_attention", _ATTENTION, backend, q, unfusable, cuda_unfit)
+    triton_unfit = None
+    if q.dim() == 4 and q.shape[-1] > TRITON_ATTENTION_MAX_HEAD_DIM:  # its launch configs are sized for <= 128
+        triton_unfit = f"takes head dims up to {TRITON_ATTENTION_MAX_HEAD_DIM}, got {q.shape[-1]}"
+    return resolve_op_backend("identity_joint_attention", _ATTENTION, backend, q, unfusable, cuda_unfit,
+                              triton_unfit)
 
 
 def _check_attention_args(q_video, k_video, v_video, k_text, v_text, text_bias, scale) -> float:
@@ -91,7 +96,7 @@ def identity_joint_attention(
     fp32, returned in ``v_video``'s dtype. Cost O(N (T + 1) D) instead of attention's
     O((N + T)^2 D). With T = 0, or every text key masked, the result is ``v_video``.
 
-    ``backend``: "torch" (the reference), "cpu" (C++ op), "cuda" (CUDA op, head dims up to 256), "triton",
+    ``backend``: "torch" (the reference), "cpu" (C++ op), "cuda" (CUDA op, head dims up to 256), "triton" (up to 128),
     or "auto" (the C++ op on CPU, CUDA then Triton on CUDA, else the reference).
     """
     scale = _check_attention_args(q_video, k_video, v_video, k_text, v_text, text_bias, scale)
