@@ -1,5 +1,5 @@
 // CUDA kernel of the guidance combination on raw, contiguous device buffers: the twin of
-// cpu/combine_cpu.h. No torch types here, so the kernels compile with plain nvcc (tests/test_cuda_compile.py)
+// cpu/combine_cpu.h. No torch types here, so the kernels compile with plain nvcc (tests/ops/test_cuda_compile.py)
 // and the torch binding (combine_cuda_op.cpp) only allocates, picks the stream and maps dtypes.
 #pragma once
 

@@ -1,8 +1,9 @@
 // CUDA implementation of `stg_ext::combine` (schema in ../combine_op.cpp): the twin of combine_cpu there.
 // This file only checks arguments, allocates `out` and the scratch with torch (stream-ordered caching
 // allocator), and maps torch's dtypes onto the CUDA types of combine_kernels.cu.
-// Built only where torch has CUDA (see setup.py). On the CPU-only dev machine it is syntax-checked only
-// (tests/test_cuda_compile.py): never built, linked or run.
+// Built only where torch has CUDA (see setup.py). On the CPU-only dev machine: syntax-checked against the CPU
+// wheel (tests/ops/test_cuda_compile.py) and built and linked against the CUDA torch by CI
+// (scripts/ci_cuda_build.sh); never run (no GPU).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>

@@ -1,5 +1,5 @@
 // CUDA kernel of identity joint attention on raw device buffers: the twin of cpu/identity_attention_cpu.h.
-// No torch types here, so the kernel compiles with plain nvcc (tests/test_cuda_compile.py) and the torch
+// No torch types here, so the kernel compiles with plain nvcc (tests/ops/test_cuda_compile.py) and the torch
 // binding (identity_attention_cuda_op.cpp) only checks, allocates, picks the stream and maps dtypes.
 #pragma once
 

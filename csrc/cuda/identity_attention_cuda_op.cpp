@@ -2,8 +2,9 @@
 // ../identity_attention_op.cpp. This file only checks arguments, allocates `out` with torch, passes every
 // tensor's strides (nothing is made contiguous; the bias is an expanded view) and maps torch's dtypes onto
 // the CUDA types of identity_attention_kernels.cu.
-// Built only where torch has CUDA (see setup.py). On the CPU-only dev machine it is syntax-checked only
-// (tests/test_cuda_compile.py): never built, linked or run.
+// Built only where torch has CUDA (see setup.py). On the CPU-only dev machine: syntax-checked against the CPU
+// wheel (tests/ops/test_cuda_compile.py) and built and linked against the CUDA torch by CI
+// (scripts/ci_cuda_build.sh); never run (no GPU).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>

@@ -53,7 +53,7 @@ __host__ __device__ __forceinline__ size_t smem_bytes(int64_t d) {
 // DPL: output dims per lane, head_dim <= 32 * DPL.
 // __launch_bounds__(kThreads, 4): a budget of 128 registers a thread (4 blocks of 128 threads per SM). With
 // the bare thread bound, ptxas picked 72-80 registers for DPL 1 and 2 and spilled 12-20 bytes (sm_86..sm_90,
-// CUDA 13.0); with this one no instantiation spills (tests/test_cuda_compile.py checks it).
+// CUDA 13.0); with this one no instantiation spills (tests/ops/test_cuda_compile.py checks it).
 template <typename T, int DPL>
 __global__ void __launch_bounds__(kThreads, 4) identity_attention_kernel(IdentityAttentionParams<T> p) {
   extern __shared__ float smem[];

@@ -18,7 +18,7 @@ import sys
 import pytest
 from torch.utils.cpp_extension import include_paths
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CSRC = os.path.join(ROOT, "csrc")
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import cuda_toolkit  # noqa: E402

@@ -1,6 +1,6 @@
 """stg_ext.combine: the reference against hand-written math, every compiled backend against the reference.
 
-The Triton backend has its own file (tests/test_combine_triton.py): under the interpreter it is slow,
+The Triton backend has its own file (tests/ops/test_combine_triton.py): under the interpreter it is slow,
 so it runs a smaller matrix.
 """
 import subprocess
@@ -16,7 +16,7 @@ import stg_ext
 from stg_ext import combine
 from stg_ext.ops import available_backends
 
-from ._tolerances import TOLERANCES, assert_close
+from .._tolerances import TOLERANCES, assert_close
 
 COMPILED = [b for b in ("cpu", "cuda") if b in available_backends("cpu") + available_backends("cuda")]
 SHAPES = [(1, 12, 3, 17, 23), (2, 16, 5, 31, 45), (3, 7), (1, 1)]

@@ -19,7 +19,7 @@ from stg_ext import ops  # noqa: E402
 from stg_ext.ops import joint_attention  # noqa: E402
 from stg_ext.ops.reference import identity_joint_attention_reference  # noqa: E402
 
-from ._tolerances import TOLERANCES, assert_close  # noqa: E402
+from .._tolerances import TOLERANCES, assert_close  # noqa: E402
 
 DTYPES = list(TOLERANCES)
 TRITON = "triton" in ops.available_backends("cpu")
