@@ -9,6 +9,7 @@ from .guidance.callers import apply_to_denoiser, apply_to_pipeline
 from .guidance.config import STGConfig
 from .guidance.loop import is_pipeline
 from .guidance.manual import apply_to_custom_loop
+from .guidance.parallel import attach as attach_branch_group
 from .guidance.session import remove_session
 from .weak.model import perturbed, remove_weak_model, weak_model
 
@@ -19,7 +20,7 @@ _UNSET = object()
 
 def apply_stg(target: Any, layer: Any, mode: Any = "attention", *, scale: Any = 1.0, rescale: Any = 0.0,
               start: float = 0.0, stop: float = 1.0, orthogonalize: bool = False, strategy: str = "sequential",
-              cfg_scale: Any = _UNSET):
+              cfg_scale: Any = _UNSET, process_group: Any = None, placement: str = "auto"):
     """Turns on STG guidance on `target` in place, removably; returns a handle with `.remove()` (also a context
     manager). Applying again replaces the settings.
 
@@ -36,7 +37,24 @@ def apply_stg(target: Any, layer: Any, mode: Any = "attention", *, scale: Any = 
     `strategy="sequential"` (default) computes the perturbed branch from the first perturbed block on, starting
     from the cond pass's activations there (STG_SPEC section 5); `"batched"` carries the perturbed rows in the
     stock call from that block on; `"naive"` runs a full third pass. The weak model alone: `weak_model`.
+
+    `process_group=` (a torch.distributed group, every rank running the same pipeline call): each step's branches
+    (u, c, the perturbed passes) are spread over the group's ranks and every rank gets the same `f`
+    (stg_ext/guidance/parallel.py: the split, `placement=` "auto" | "cond" | "stash" | "full").
     """
+    session = _apply(target, layer, mode, scale=scale, rescale=rescale, start=start, stop=stop,
+                     orthogonalize=orthogonalize, strategy=strategy, cfg_scale=cfg_scale)
+    if process_group is not None:
+        try:
+            attach_branch_group(session, process_group, placement)
+        except Exception:
+            session.remove()
+            raise
+    return session
+
+
+def _apply(target: Any, layer: Any, mode: Any, *, scale: Any, rescale: Any, start: float, stop: float,
+           orthogonalize: bool, strategy: str, cfg_scale: Any):
     config = STGConfig(layer, mode, scale=scale, rescale=rescale, start=start, stop=stop,
                        orthogonalize=orthogonalize, strategy=strategy)
     if is_pipeline(target):

@@ -193,10 +193,13 @@ class PerturbedBranch:
 
     def _foreign_block_hooks(self) -> bool:
         """Other hooks on the blocks (diffusers' caches, offloading) may keep per-block state or expect every
-        block to run; prefix reuse then steps aside and the perturbed pass runs in full."""
+        block to run; prefix reuse then steps aside and the perturbed pass runs in full. diffusers' context-parallel
+        hooks (`enable_parallelism`: split a block's inputs / gather its outputs) are stateless and act the same in
+        every pass: they stay (tests/distributed/test_context_parallel.py)."""
         for block in self._blocks:
             registry = getattr(block, "_diffusers_hook", None)
-            if registry is not None and any(not name.startswith("stg_ext.") for name in registry.hooks):
+            if registry is not None and any(not name.startswith(("stg_ext.", "cp_input---", "cp_output---"))
+                                            for name in registry.hooks):
                 return True
         return False
 
