@@ -40,6 +40,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 from diffusers.hooks import ModelHook
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
 from ..ops import combine
@@ -535,14 +536,21 @@ def _placeholder(call: Call, out: Any, value: torch.Tensor) -> Any:
         return with_prediction(out, value)
     if call.kwargs.get("return_dict", True) is False:
         return (value,)
-    from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
     return Transformer2DModelOutput(sample=value)
 
 
-def attach(session: Any, group: Any, placement: str = "auto") -> BranchGroup:
+def attach(session: Any, group: Any, placement: str = "auto") -> Optional[BranchGroup]:
     """Spreads `session`'s branches over `group` (api.apply_stg's `process_group=`): its drivers are replaced by
-    the parallel ones, and the stash hooks are installed on the denoisers' blocks (removed with the session)."""
+    the parallel ones, and the stash hooks are installed on the denoisers' blocks (removed with the session).
+    `group=None` takes an earlier group off a session whose settings were replaced (its stock drivers return)."""
+    earlier = getattr(session, "branch_group", None)
+    if earlier is not None:
+        earlier.remove()
+        for key in [k for k, d in session.drivers.items() if getattr(d, "bg", None) is earlier]:
+            del session.drivers[key]
+        session.branch_group = None
+    if group is None:
+        return None
     bg = BranchGroup(group, placement)
     locator = getattr(session, "locator", None)
     for binding in (locator.bindings.values() if locator is not None else ()):
