@@ -143,3 +143,14 @@ def branch_worker(rank: int, world: int, scenarios: List[Dict[str, Any]], group_
                              for h in getattr(getattr(m, "_diffusers_hook", None), "hooks", {}) if "stg_ext" in h)
         results[name] = dict(out=out, ref=ref, records=records, left_hooks=stock_hooks)
     return results
+
+
+# --- jobs across processes (stg_ext/cli/distributed_jobs.py) ----------------------------------------------------
+
+def jobs_worker(rank: int, world: int, n_jobs: int) -> Dict[str, Any]:
+    from stg_ext.cli.distributed_jobs import JobGroup
+
+    group = JobGroup()  # joins the group run_group made (not owned: run_group destroys it)
+    mine = group.mine(list(range(n_jobs)))
+    rows = group.gather((i, dict(job=job, rank=rank)) for i, job in mine)
+    return dict(mine=[i for i, _ in mine], rows=rows, distributed=group.distributed, owned=group.owned)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 from .. import options
+from ..distributed_jobs import JobGroup
 from ..errors import CLIError, UsageError
 from ..loading import Model, load_model
 from ..metrics import flow_method, video_metrics
@@ -46,7 +47,10 @@ runs.csv (one row per video), sweep.png (each statistic against the layer; matpl
 
 Example (Mochi, the paper's sweep over its later layers, STG-R):
   stg-ext sweep genmo/mochi-1-preview --layers 28:48:2 --mode residual --prompts curated --num-prompts 4 \\
-      --seeds 0,1 --steps 64 --dtype bfloat16 --offload model --out mochi_sweep"""
+      --seeds 0,1 --steps 64 --dtype bfloat16 --offload model --out mochi_sweep
+
+Across processes (the renders split round-robin, rank 0 writes the same files):
+  torchrun --standalone --nproc-per-node 2 -m stg_ext sweep tiny:wan --layers 0:3 --out wan_sweep"""
 
 STAT_COLUMNS = ("temporal_flicker", "dynamic_degree", "motion", "saturation", "saturation_shift", "sharpness")
 RANK_COLUMNS = ("rank_flicker", "rank_dynamic", "rank_sharpness", "rank_saturation_shift")
@@ -192,23 +196,28 @@ def run(args: argparse.Namespace) -> int:
     if args.save_videos:
         ensure_writable_dir(out / "videos")
 
-    runs: List[dict] = []
-    total = len(prompts) * len(args.seeds) * (1 + len(layers))
-    with progress_bar(total=total, desc="sweep", disable=args.quiet, unit="video") as bar:
-        for p_index, prompt in enumerate(prompts):
-            for seed in args.seeds:
-                for layer in ["cfg", *layers]:
-                    bar.set_postfix_str(f"prompt {p_index} seed {seed} {'CFG' if layer == 'cfg' else f'layer {layer}'}")
-                    kwargs = _kwargs(model, prompt, p_index, seed, args, extra)
-                    result = render(model, kwargs, None if layer == "cfg" else settings[layer], progress=False)
-                    row = dict(layer=layer, prompt_index=p_index, seed=seed, prompt=prompt,
-                               **video_metrics(result.frames), seconds=result.seconds, frames=len(result.frames),
-                               height=result.frames.shape[1], width=result.frames.shape[2])
-                    if args.save_videos:
-                        name = f"p{p_index}_s{seed}_{'cfg' if layer == 'cfg' else f'layer{layer}'}.mp4"
-                        row["video"] = str(write_video(out / "videos" / name, result.frames, args.fps))
-                    runs.append(row)
-                    bar.update()
+    # Under torchrun the jobs are split over the processes and rank 0 writes the files (distributed_jobs.py).
+    with JobGroup() as jobs_group:
+        jobs = [(p_index, prompt, seed, layer) for p_index, prompt in enumerate(prompts) for seed in args.seeds
+                for layer in ["cfg", *layers]]
+        mine = jobs_group.mine(jobs)
+        done = []
+        with progress_bar(total=len(mine), desc="sweep", disable=args.quiet, unit="video") as bar:
+            for job_index, (p_index, prompt, seed, layer) in mine:
+                bar.set_postfix_str(f"prompt {p_index} seed {seed} {'CFG' if layer == 'cfg' else f'layer {layer}'}")
+                kwargs = _kwargs(model, prompt, p_index, seed, args, extra)
+                result = render(model, kwargs, None if layer == "cfg" else settings[layer], progress=False)
+                row = dict(layer=layer, prompt_index=p_index, seed=seed, prompt=prompt,
+                           **video_metrics(result.frames), seconds=result.seconds, frames=len(result.frames),
+                           height=result.frames.shape[1], width=result.frames.shape[2])
+                if args.save_videos:
+                    name = f"p{p_index}_s{seed}_{'cfg' if layer == 'cfg' else f'layer{layer}'}.mp4"
+                    row["video"] = str(write_video(out / "videos" / name, result.frames, args.fps))
+                done.append((job_index, row))
+                bar.update()
+        runs: List[dict] = jobs_group.gather(done)
+        if not jobs_group.is_main:
+            return 0
 
     rows, best = summarize(runs, layers)
     method = flow_method()
