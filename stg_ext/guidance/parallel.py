@@ -551,6 +551,9 @@ def attach(session: Any, group: Any, placement: str = "auto") -> Optional[Branch
         session.branch_group = None
     if group is None:
         return None
+    if not hasattr(session, "models") or not hasattr(session, "drivers"):
+        raise NotImplementedError(f"stg_ext: process_group= is not supported for {type(session).__name__} (guider "
+                                  "pipelines combine their branches in their guider)")
     bg = BranchGroup(group, placement)
     locator = getattr(session, "locator", None)
     for binding in (locator.bindings.values() if locator is not None else ()):
