@@ -4,7 +4,7 @@
     .venv/bin/python scripts/train_world_model.py --work /tmp/world_run --out stg_ext/world/model
 
 Phases: render the training clips; train the VAE (AutoencoderKLWan); encode every clip to latents with it
-(frozen from here on) and set its latents_mean/std; encode the prompts with the frozen UMT5 encoder through
+and set its latents_mean/std; fine-tune its decoder alone on whole clips (the latents do not change); encode the prompts with the frozen UMT5 encoder through
 WanPipeline.encode_prompt; train the transformer by flow matching (EMA weights are the ones saved). Every
 --checkpoint-every steps the EMA pipeline is saved to WORK/latest (save_pretrained) with a sample grid
 (WORK/samples_<step>.png) and the loss plot, so a stopped run leaves a usable model. At the end the pipeline
@@ -38,14 +38,19 @@ def plot_losses(rows, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     vae = [r for r in rows if r["phase"] == "vae"]
+    dec = [r for r in rows if r["phase"] == "decoder"]
     tr = [r for r in rows if r["phase"] == "transformer"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     if vae:
-        axes[0].plot([r["step"] for r in vae], [r["mse"] for r in vae], label="MSE")
+        axes[0].plot([r["step"] for r in vae], [r["mse"] for r in vae], label="MSE (9-frame windows)")
         axes[0].plot([r["step"] for r in vae], [r["l1"] for r in vae], label="L1")
+    if dec:
+        offset = vae[-1]["step"] + 1 if vae else 0
+        axes[0].plot([offset + r["step"] for r in dec], [r["mse"] for r in dec], label="MSE, decoder only")
+    if vae or dec:
         axes[0].set_yscale("log")
-        axes[0].legend()
-    axes[0].set_title("VAE reconstruction (pixels in [-1, 1])")
+        axes[0].legend(fontsize=8)
+    axes[0].set_title("VAE reconstruction (object pixels x5, pixels in [-1, 1])", fontsize=10)
     axes[0].set_xlabel("step")
     if tr:
         axes[1].plot([r["step"] for r in tr], [r["loss"] for r in tr], alpha=0.3, label="batch")
@@ -117,10 +122,15 @@ def main(argv=None) -> int:
         mean, std = W.latent_stats(latents)
         parts["vae"].register_to_config(latents_mean=[round(float(v), 5) for v in mean],
                                         latents_std=[round(float(v), 5) for v in std])
-        parts["vae"].save_pretrained(work / "vae")
-        torch.save(latents, work / "latents.pt")
         say(f"latents {tuple(latents.shape)} encoded in {time.perf_counter() - t0:.0f}s; mean {mean.tolist()} "
             f"std {std.tolist()}")
+        if cfg.decoder_steps:
+            t0 = time.perf_counter()
+            done = W.finetune_decoder(parts["vae"], data["videos"], cfg, log, say, masks=data["masks"])
+            vae_time += time.perf_counter() - t0
+            say(f"decoder fine-tuned {done} steps in {(time.perf_counter() - t0) / 60:.1f} min")
+        parts["vae"].save_pretrained(work / "vae")
+        torch.save(latents, work / "latents.pt")
     if args.stop_after_vae:
         plot_losses(log.rows, work / "loss.png")
         return 0

@@ -3,9 +3,11 @@ back: frame counts and sizes), --help, and the error cases (one line on stderr, 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,12 @@ from stg_ext.cli.prompts import BUILTIN, load_prompts
 from stg_ext.cli.video import (GAP, LABEL_HEIGHT, read_video, side_by_side, to_uint8_frames, write_video)
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def world_model_path():
+    from stg_ext.world import model_path
+
+    return model_path()
 # tiny:wan decodes 9 frames of 64x64.
 FRAMES, H, W = 9, 64, 64
 
@@ -89,7 +97,7 @@ def test_help_documents_every_option(capsys):
 
 def test_demo_runs_offline(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess_cli("demo", "--out", out, "--steps", "4", "--quiet")
+    proc = subprocess_cli("demo", "--model", "tiny:wan", "--out", out, "--steps", "4", "--quiet")
     assert proc.returncode == 0, proc.stderr
     cfg, stg = assert_video(out / "cfg.mp4"), assert_video(out / "stg.mp4")
     assert not np.array_equal(cfg, stg)  # STG changed the sample
@@ -104,6 +112,58 @@ def test_demo_runs_offline(tmp_path):
     assert [r["stage"].split(" ")[0] for r in rows] == ["load", "warm-up", "CFG", "STG"]
     assert float(rows[2]["vs_cfg"]) == 1.0 and float(rows[3]["denoiser_seconds"]) > 0
     assert "denoiser ms/step" in proc.stdout and "wrote" in proc.stdout
+
+
+WORLD_FRAMES, WORLD_SIDE = 13, 96  # the world model's 13 frames of 32 x 32, enlarged 3x in the demo's files
+
+
+def test_demo_default_is_the_shipped_world_model(tmp_path):
+    """The README's main job: `stg-ext demo` with no options, offline, on the trained model shipped in the package,
+    loaded through DiffusionPipeline.from_pretrained, in under a minute."""
+    out = tmp_path / "demo"
+    start = time.perf_counter()
+    proc = subprocess_cli("demo", "--out", out, "--quiet")
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr
+    assert seconds < 60, seconds
+    cfg = assert_video(out / "cfg.mp4", frames=WORLD_FRAMES, size=(WORLD_SIDE, WORLD_SIDE))
+    stg = assert_video(out / "stg.mp4", frames=WORLD_FRAMES, size=(WORLD_SIDE, WORLD_SIDE))
+    assert not np.array_equal(cfg, stg)
+    # A trained model draws an object on its background: frames are not noise (most pixels of a frame share
+    # the background's few values) and not blank.
+    for video in (cfg, stg):
+        assert video.std() > 10
+        values, counts = np.unique(video[0].reshape(-1, 3) // 32, axis=0, return_counts=True)
+        assert counts.max() > 0.3 * WORLD_SIDE * WORLD_SIDE
+    from PIL import Image
+
+    with Image.open(out / "strip.png") as strip:
+        assert strip.size[1] == LABEL_HEIGHT + GAP + 2 * WORLD_SIDE + GAP
+    card = json.loads((world_model_path() / "stg_ext.json").read_text())
+    prompt = card["demo"]["prompt"]
+    assert f"prompt: {prompt}" in proc.stdout and "load world" in proc.stdout
+    rows = read_csv(out / "timing.csv")
+    assert [r["stage"].split(" ")[0] for r in rows] == ["load", "warm-up", "CFG", "STG"]
+    assert int(rows[2]["steps"]) == card["call"]["num_inference_steps"]
+
+
+def test_world_model_loads_the_real_way():
+    from stg_ext.cli.loading import LoadOptions, load_model
+
+    folder = world_model_path()
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 30 * 2 ** 20
+    for part in ("model_index.json", "transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (folder / part).exists(), part
+    model = load_model("world", LoadOptions(progress=False))
+    assert type(model.pipe).__name__ == "WanPipeline"
+    assert model.pipe.config._name_or_path == str(folder)  # DiffusionPipeline.from_pretrained of the folder
+    assert model.num_layers() >= 8
+    kw = model.call_kwargs(prompt="a large red circle moving right on a black background", seed=0, steps=2)
+    assert (kw["height"], kw["width"], kw["num_frames"]) == (32, 32, WORLD_FRAMES)
+    assert kw["max_sequence_length"] == model.pipe.tokenizer.model_max_length
+    # Command-line values override the folder's defaults.
+    assert model.call_kwargs(prompt="x", seed=0, steps=2, guidance_scale=2.0)["guidance_scale"] == 2.0
 
 
 # --------------------------------------------------------------------------------------------------

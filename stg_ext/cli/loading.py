@@ -6,6 +6,12 @@ MODEL is
 - `tiny:<family>` (e.g. `tiny:wan`): a tiny random-weight pipeline of that family from `stg_ext.testing.tiny`, built
   in memory. It is the same stock pipeline class as the real model, so the demo and the tests run the code
   path real models run, offline and in seconds (its videos are noise: the weights are random).
+- `world`: the world model shipped in the package (stg_ext/world/model, a WanPipeline folder trained on
+  stg_ext.world by scripts/train_world_model.py), loaded from that folder like any other pipeline folder.
+
+A pipeline folder may hold `stg_ext.json` next to model_index.json: {"call": {...}} gives the pipeline keyword
+arguments the model was trained for (height, width, num_frames, max_sequence_length, guidance_scale,
+num_inference_steps); command-line options override them. diffusers ignores the file.
 """
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ from .errors import CLIError, UsageError, one_line
 logger = logging.getLogger("stg_ext.cli")
 
 TINY_PREFIX = "tiny:"
+WORLD = "world"  # the packaged world model (stg_ext.world.model_path())
+CARD = "stg_ext.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 OFFLOAD = ("none", "model", "sequential")
 
@@ -45,6 +53,7 @@ class Model:
     device: str
     tiny: Any = None  # the stg_ext.testing.tiny.TinyPipeline for `tiny:<family>`, else None
     progress: bool = True  # show the pipeline's progress bars
+    card: Dict[str, Any] = field(default_factory=dict)  # the folder's stg_ext.json, if any
     _params: Dict[str, inspect.Parameter] = field(default_factory=dict, repr=False)
     _told_no_prompt: bool = field(default=False, repr=False)
 
@@ -108,7 +117,8 @@ class Model:
             kw = self.tiny.call_kwargs(seed=seed, steps=steps, cfg=True, output_type="np",
                                        **({"prompt": prompt} if self.takes_prompt and prompt is not None else {}))
         else:
-            kw = dict(num_inference_steps=steps, output_type="np", generator=torch.Generator("cpu").manual_seed(seed))
+            kw = {k: v for k, v in self.card.get("call", {}).items() if k != "num_inference_steps"}
+            kw.update(num_inference_steps=steps, output_type="np", generator=torch.Generator("cpu").manual_seed(seed))
             if prompt is not None and "prompt" in self._params:
                 kw["prompt"] = prompt
         if prompt is not None and self.tiny is None and not self.takes_prompt and not self._told_no_prompt:
@@ -167,16 +177,17 @@ def load_model(spec: str, options: Optional[LoadOptions] = None) -> Model:
         raise UsageError("--offload moves weights between the CPU and an accelerator: it needs --device cuda (or "
                          "another accelerator); on the CPU the whole pipeline already lives in memory")
     threads = options.threads
-    if threads is None and spec.startswith(TINY_PREFIX):
-        # The tiny models' ops are far too small for a second thread to pay: on a busy 2-core machine two
-        # threads made the demo ~10x slower than one, and the timings noisy.
+    if threads is None and (spec.startswith(TINY_PREFIX) or spec == WORLD):
+        # The tiny models' ops (and the world model's) are far too small for a second thread to pay: on a busy
+        # 2-core machine two threads made the demo ~10x slower than one, and the timings noisy.
         threads = 1
     if threads is not None:
         torch.set_num_threads(threads)
     if spec.startswith(TINY_PREFIX):
         model = _load_tiny(spec)
     else:
-        model = Model(name=spec, pipe=_from_pretrained(spec, dtype), device=device)
+        path = world_path() if spec == WORLD else spec
+        model = Model(name=spec, pipe=_from_pretrained(path, dtype), device=device, card=read_card(path))
     pipe = model.pipe
     try:
         if options.offload == "model":
@@ -213,6 +224,33 @@ def _load_tiny(spec: str) -> Model:
         logger.info("%s has no tiny text encoder: prompts are replaced by random embeddings drawn from the seed",
                     spec)
     return Model(name=spec, pipe=tp.pipe, device="cpu", tiny=tp)
+
+
+def world_path() -> str:
+    from ..world import model_path
+
+    path = model_path()
+    if not (path / "model_index.json").exists():
+        raise CLIError(f"the world model is missing from this installation (no {path / 'model_index.json'}); "
+                       "train it with scripts/train_world_model.py or reinstall stg_ext")
+    return str(path)
+
+
+def read_card(spec: str) -> Dict[str, Any]:
+    """The folder's stg_ext.json ({} for hub ids and folders without one)."""
+    import json
+
+    path = os.path.join(os.path.expanduser(spec), CARD)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as fh:
+            card = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"cannot read {path!r}: {one_line(e)}") from None
+    if not isinstance(card, dict) or not isinstance(card.get("call", {}), dict):
+        raise CLIError(f"{path!r}: expected an object with an optional \"call\" object")
+    return card
 
 
 def _looks_like_path(spec: str) -> bool:

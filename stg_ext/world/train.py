@@ -39,6 +39,9 @@ class TrainConfig:
     vae_frames: int = 9  # train the VAE on windows of this many frames (1 + 4k; 0: whole clips)
     vae_fg_weight: float = 4.0  # extra weight of object pixels in the VAE loss (they cover ~5% of a frame)
     vae_noise: float = 0.0  # decode mean + vae_noise * noise (0: the posterior mean, a plain autoencoder)
+    decoder_steps: int = 600  # then the VAE decoder alone on whole clips (the encoder, hence the latents, frozen)
+    decoder_lr: float = 3e-4
+    decoder_stop: int = 0  # stop the decoder phase after this many steps (0: all decoder_steps)
     steps: int = 5000  # transformer steps
     batch: int = 16
     lr: float = 5e-4
@@ -49,6 +52,7 @@ class TrainConfig:
     log_every: int = 10
     threads: int = 1
     time_limit_min: float = 55.0  # stop the transformer phase after this many minutes of training (0: no limit)
+    stop_at: int = 0  # stop the transformer phase after the checkpoint of this step (0: run to the end)
 
 
 def render_dataset(n: int, seed: int) -> Dict[str, object]:
@@ -121,6 +125,48 @@ def train_vae(vae, videos: torch.Tensor, cfg: TrainConfig, log: Log, say: Callab
     vae.eval()
 
 
+def finetune_decoder(vae, videos: torch.Tensor, cfg: TrainConfig, log: Log, say: Callable[[str], None],
+                     masks: Optional[torch.Tensor] = None, time_limit_s: float = 0.0) -> int:
+    """Trains the decoder alone on whole clips, from the frozen encoder's posterior means: the latents (and so
+    the transformer trained on them) do not change, the decoding of every frame of a full clip improves (the
+    first phase sees 9-frame windows). Returns the steps done (time_limit_s > 0 may stop it early)."""
+    gen = torch.Generator().manual_seed(cfg.seed + 30)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
+    vae.train()
+    start = time.perf_counter()
+    step = -1
+    for step in range(cfg.decoder_steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg.decoder_steps, cfg.decoder_lr, 20)
+        idx = torch.randint(len(videos), (cfg.vae_batch,), generator=gen)
+        x = videos[idx]
+        w = torch.ones(x.shape[0], 1, *x.shape[2:])
+        if cfg.vae_fg_weight and masks is not None:
+            w = w + cfg.vae_fg_weight * masks[idx].unsqueeze(1).float()
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+        rec = vae.decode(z).sample
+        mse = ((rec - x).pow(2) * w).mean() / w.mean()
+        l1 = ((rec - x).abs() * w).mean() / w.mean()
+        loss = mse + l1
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % cfg.log_every == 0 or step == cfg.decoder_steps - 1:
+            log.add(phase="decoder", step=step, loss=loss.item(), mse=mse.item(), l1=l1.item(),
+                    seconds=round(time.perf_counter() - start, 1))
+            if step % (cfg.log_every * 10) == 0:
+                say(f"decoder step {step}/{cfg.decoder_steps} loss {loss.item():.4f} {time.perf_counter() - start:.0f}s")
+        if time_limit_s and time.perf_counter() - start > time_limit_s:
+            break
+        if cfg.decoder_stop and step + 1 >= cfg.decoder_stop:
+            break
+    vae.eval()
+    return step + 1
+
+
 @torch.no_grad()
 def encode_latents(vae, videos: torch.Tensor, batch: int = 16) -> torch.Tensor:
     """Posterior means of every clip, (n, z, T', H', W'), unnormalised."""
@@ -188,6 +234,9 @@ def train_transformer(transformer, latents: torch.Tensor, text: torch.Tensor, em
                 say(f"transformer step {step}/{cfg.steps} loss {value:.4f} (smoothed {smooth:.4f}) {elapsed:.0f}s")
         if checkpoint is not None and step > 0 and step % cfg.checkpoint_every == 0:
             checkpoint(ema, step)
+        if cfg.stop_at and step >= cfg.stop_at:
+            say(f"stopped after the checkpoint of step {step}")
+            break
         if cfg.time_limit_min and elapsed > 60 * cfg.time_limit_min:
             say(f"time limit reached at step {step}")
             break

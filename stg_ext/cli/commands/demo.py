@@ -1,4 +1,4 @@
-"""`stg-ext demo`: CFG and STG with the same seed on a pipeline that needs no weights and no network."""
+"""`stg-ext demo`: CFG and STG with the same seed on the shipped world model (no download, no network)."""
 from __future__ import annotations
 
 import argparse
@@ -13,24 +13,29 @@ from .. import options
 from ..loading import load_model
 from ..prompts import load_prompts
 from ..render import check_stg, render
-from ..video import ensure_writable_dir, labeled_grid, pick_frames, save_png, side_by_side, write_video
+from ..video import (ensure_writable_dir, labeled_grid, pick_frames, save_png, side_by_side, to_uint8_frames,
+                     write_video)
+from ..errors import CLIError
 
-DEFAULT_MODEL = "tiny:wan"
-HELP = "offline demo: a tiny pipeline, CFG and STG with the same seed, videos + strip + timing"
+DEFAULT_MODEL = "world"
+DEFAULT_STEPS = 10  # for models whose folder does not say (stg_ext.json's call.num_inference_steps)
+MIN_FRAME_SIDE = 96  # smaller frames are enlarged (nearest neighbour, integer factor) in the written files
+HELP = "offline demo: the shipped world model, CFG and STG with the same seed, videos + strip + timing"
 DESCRIPTION = f"""\
-Runs on a fresh machine with no weights and no network (HF_HUB_OFFLINE=1 is fine): builds a tiny
-random-weight Wan pipeline in memory ({DEFAULT_MODEL}: the stock WanPipeline with a 3-block transformer, a
-tiny UMT5 text encoder and the Wan VAE), samples the same prompt and seed with plain CFG and with STG, and
-writes to --out:
+Runs on a fresh machine with no download and no network (HF_HUB_OFFLINE=1 is fine): loads the world model
+shipped in the package ({DEFAULT_MODEL}: a stock WanPipeline folder, stg_ext/world/model, with an 8-block
+WanTransformer3DModel, a tiny UMT5 text encoder and an AutoencoderKLWan, trained on the shapes of
+stg_ext.world by scripts/train_world_model.py) with DiffusionPipeline.from_pretrained, samples the same prompt
+and seed with plain CFG and with STG, and writes to --out:
 
   cfg.mp4, stg.mp4   the two videos (GIF instead when mp4 writing is unavailable)
   compare.mp4        CFG | STG side by side
   strip.png          the frames of both, one row each
   timing.csv         wall time of each stage (the table is also printed)
 
-The tiny model's weights are random: its videos show the whole path running (text encoding, sampling
-with STG, decoding, writing), not what STG does to a trained model. --model runs the same demo on any
-MODEL (a hub id or a pipeline folder)."""
+The world model makes 13 frames of 32 x 32 (enlarged for the files). Its prompt, steps, CFG scale and STG
+layer come from the folder's stg_ext.json unless given. --model runs the same demo on any MODEL (a hub id, a
+pipeline folder, or tiny:<family>: random weights, whose videos show the path running, not what STG does)."""
 
 # seconds: the whole pipeline call (text encoding, sampling, VAE decoding); denoiser_seconds: the part spent
 # inside the denoiser, where STG's perturbed passes run; ms_per_step and vs_cfg are of the denoiser time.
@@ -41,7 +46,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help=HELP, description=DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     options.add_model(p, positional=False, default=DEFAULT_MODEL)
-    options.add_sampling(p, steps=10)
+    options.add_sampling(p, steps=DEFAULT_STEPS)
+    for action in p._actions:
+        if action.dest == "steps":  # the model's own step count unless given
+            action.default = None
+            action.help = (f"number of inference steps (default: the model folder's stg_ext.json, 20 for the world "
+                           f"model; else {DEFAULT_STEPS})")
     options.add_stg(p)
     group = p.add_argument_group("output")
     group.add_argument("--out", default="stg_ext_demo", help="folder to write into (default: %(default)s)")
@@ -58,8 +68,11 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model = load_model(args.model, options.load_options(args))
     timings.append(dict(stage=f"load {args.model}", seconds=time.perf_counter() - start))
-    prompt = args.prompt if args.prompt is not None else load_prompts("curated")[0]
-    layer = args.layer if args.layer is not None else options.default_layer(model.num_layers())
+    demo = model.card.get("demo", {})
+    steps = args.steps or model.card.get("call", {}).get("num_inference_steps") or DEFAULT_STEPS
+    args.steps = steps
+    prompt = args.prompt if args.prompt is not None else demo.get("prompt") or load_prompts("curated")[0]
+    layer = args.layer if args.layer is not None else demo.get("layer", options.default_layer(model.num_layers()))
     stg = options.stg_settings(args, layer)
     check_stg(model.pipe, stg)
     extra = options.sampling_kwargs(args)
@@ -82,23 +95,38 @@ def run(args: argparse.Namespace) -> int:
     for row in timings:
         row["threads"] = threads
 
-    written = [write_video(out / "cfg.mp4", cfg.frames, args.fps), write_video(out / "stg.mp4", result.frames, args.fps),
-               write_video(out / "compare.mp4", side_by_side([("CFG", cfg.frames), (stg.short(), result.frames)]),
+    cfg_frames, stg_frames = enlarge(cfg.frames), enlarge(result.frames)
+    written = [write_video(out / "cfg.mp4", cfg_frames, args.fps), write_video(out / "stg.mp4", stg_frames, args.fps),
+               write_video(out / "compare.mp4", side_by_side([("CFG", cfg_frames), (stg.short(), stg_frames)]),
                            args.fps)]
-    title = f"{args.model}, seed {args.seed}, {args.steps} steps: {_clip(prompt, 60)}"
-    strip = labeled_grid([("CFG", pick_frames(cfg.frames, args.strip_frames)),
-                          (stg.short(), pick_frames(result.frames, args.strip_frames))], title=title)
+    title = f"{args.model}, seed {args.seed}, {args.steps} steps: {_clip(prompt, 90)}"
+    strip = labeled_grid([("CFG", pick_frames(cfg_frames, args.strip_frames)),
+                          (stg.short(), pick_frames(stg_frames, args.strip_frames))], title=title)
     written.append(save_png(out / "strip.png", strip))
     written.append(_write_timing(out / "timing.csv", timings))
 
     print(f"prompt: {prompt}")
     print(_table(timings))
+    headline = demo.get("eval")
+    if headline and args.layer is None and (args.mode, args.scale, args.rescale) == ("attention", 1.0, 0.0):
+        # Figures of `stg-ext eval` on held-out prompts for the settings this demo uses (stg_ext.json).
+        print(f"eval ({headline.get('videos', '?')} held-out videos per method; {headline.get('command', '')}):")
+        for line in headline.get("lines", []):
+            print(f"  {line}")
     if model.tiny is not None:
         print(f"note: {args.model} has random weights; its videos show the pipeline running, not what STG does to "
               "a trained model")
     for path in written:
         print(f"wrote {path}")
     return 0
+
+
+def enlarge(frames):
+    """Frames at most half MIN_FRAME_SIDE, enlarged by the integer factor that brings them closest below it
+    (nearest neighbour, as uint8): 32 pixels -> 96; 64 stay 64."""
+    frames = to_uint8_frames(frames)
+    k = max(1, MIN_FRAME_SIDE // min(frames.shape[1:3]))
+    return frames if k == 1 else frames.repeat(k, axis=1).repeat(k, axis=2)
 
 
 def _clip(text: str, n: int) -> str:
@@ -110,7 +138,6 @@ def _fmt(value, digits: int) -> str:
 
 
 def _write_timing(path: Path, rows: List[dict]) -> Path:
-    from ..errors import CLIError
 
     try:
         with open(path, "w", newline="") as fh:
