@@ -144,7 +144,7 @@ def sweep_layer(args: argparse.Namespace, mode: str, out: Path, steps: int) -> i
     folder = out / f"sweep_{mode}"
     prompt_file = out / "sweep_prompts.txt"
     prompt_file.write_text("\n".join(p.prompt for p in eval_prompts(args.sweep_prompts, "sweep")) + "\n")
-    argv = ["sweep", "--model", args.model, "--layers", "all", "--mode", mode, "--scale", str(args.scale),
+    argv = ["sweep", args.model, "--layers", "all", "--mode", mode, "--scale", str(args.scale),
             "--prompts", str(prompt_file), "--num-prompts", str(args.sweep_prompts), "--seeds", "0",
             "--steps", str(steps), "--out", str(folder)]
     if args.threads:
