@@ -73,7 +73,7 @@ def worker(rank: int, world: int, rounds: int, steps: int) -> Dict:
         if placement == "single":
             handle = stg_ext.apply_stg(tp.pipe, LAYER, MODE)
         elif placement is not None:
-            handle = stg_ext.apply_stg(tp.pipe, LAYER, MODE, process_group=groups[ranks], placement=placement)
+            handle = stg_ext.apply_stg(tp.pipe, LAYER, MODE, process_group=groups[ranks], branch_placement=placement)
         try:
             t0, c0 = time.perf_counter(), time.thread_time()
             with torch.no_grad():

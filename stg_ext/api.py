@@ -20,7 +20,7 @@ _UNSET = object()
 
 def apply_stg(target: Any, layer: Any, mode: Any = "attention", *, scale: Any = 1.0, rescale: Any = 0.0,
               start: float = 0.0, stop: float = 1.0, orthogonalize: bool = False, strategy: str = "sequential",
-              cfg_scale: Any = _UNSET, process_group: Any = None, placement: str = "auto"):
+              cfg_scale: Any = _UNSET, process_group: Any = None, branch_placement: str = "auto"):
     """Turns on STG guidance on `target` in place, removably; returns a handle with `.remove()` (also a context
     manager). Applying again replaces the settings.
 
@@ -40,16 +40,15 @@ def apply_stg(target: Any, layer: Any, mode: Any = "attention", *, scale: Any = 
 
     `process_group=` (a torch.distributed group, every rank running the same pipeline call): each step's branches
     (u, c, the perturbed passes) are spread over the group's ranks and every rank gets the same `f`
-    (stg_ext/guidance/parallel.py: the split, `placement=` "auto" | "cond" | "stash" | "full").
+    (stg_ext/guidance/parallel.py: the split, `branch_placement=` "auto" | "cond" | "stash" | "full").
     """
     session = _apply(target, layer, mode, scale=scale, rescale=rescale, start=start, stop=stop,
                      orthogonalize=orthogonalize, strategy=strategy, cfg_scale=cfg_scale)
-    if process_group is not None:
-        try:
-            attach_branch_group(session, process_group, placement)
-        except Exception:
-            session.remove()
-            raise
+    try:
+        attach_branch_group(session, process_group, branch_placement)  # None: none (also when settings are replaced)
+    except Exception:
+        session.remove()
+        raise
     return session
 
 

@@ -19,7 +19,7 @@ saves receiving it). So, with CFG:
   blocks, so the suffix would end no earlier, later by the transfer).
 - outside the STG window only CFG's branches are spread (u | c).
 
-`placement=` forces "cond" (every perturbed pass on the cond rank), "stash" (on other ranks, from the stash) or
+`branch_placement=` forces "cond" (every perturbed pass on the cond rank), "stash" (on other ranks, from the stash) or
 "full" (on other ranks, in full); benchmarks/bench_branch_parallel.py measures them.
 
 Calling conventions:
@@ -102,7 +102,7 @@ def plan(size: int, cfg: bool, n_perturbed: int, sigma: float, wait: float, plac
     """The branches of one call over `size` ranks. `sigma`: the perturbed suffix's share of a pass (1 without prefix
     reuse); `wait`: the share of a pass before the first perturbed block (when a stash is ready)."""
     if placement not in PLACEMENTS:
-        raise ValueError(f"stg_ext: placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+        raise ValueError(f"stg_ext: branch_placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
     tasks: List[List[Task]] = [[] for _ in range(size)]
     load = [0.0] * size
     u_rank = 0 if cfg else None
@@ -233,7 +233,7 @@ class BranchGroup:
 
     def __init__(self, group: Any, placement: str):
         if placement not in PLACEMENTS:
-            raise ValueError(f"stg_ext: placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+            raise ValueError(f"stg_ext: branch_placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
         if not dist.is_initialized():
             raise RuntimeError("stg_ext: process_group= needs torch.distributed initialized (init_process_group)")
         self.group = group
@@ -543,6 +543,8 @@ def attach(session: Any, group: Any, placement: str = "auto") -> Optional[Branch
     """Spreads `session`'s branches over `group` (api.apply_stg's `process_group=`): its drivers are replaced by
     the parallel ones, and the stash hooks are installed on the denoisers' blocks (removed with the session).
     `group=None` takes an earlier group off a session whose settings were replaced (its stock drivers return)."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"stg_ext: branch_placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
     earlier = getattr(session, "branch_group", None)
     if earlier is not None:
         earlier.remove()

@@ -132,7 +132,7 @@ def branch_worker(rank: int, world: int, scenarios: List[Dict[str, Any]], group_
         tp = tiny_pipeline(family, vae=False)
         if mesh is not None:
             _enable_cp(tp, 2, mesh=mesh)
-        handle = stg_ext.apply_stg(tp.pipe, **kw, process_group=group, placement=spec.get("placement", "auto"))
+        handle = stg_ext.apply_stg(tp.pipe, **kw, process_group=group, branch_placement=spec.get("placement", "auto"))
         try:
             out = _latents(tp, **call)
             records = [(r.step, r.role, r.tasks, r.passes, r.sent_bytes, r.received_bytes)

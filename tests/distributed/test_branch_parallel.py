@@ -2,8 +2,9 @@
 the perturbed passes) over 2 or 3 gloo processes; every rank ends with the same latents (bit for bit), equal to one
 process's (fp32, 1e-5 x max|latents|). Wan for separate cond/uncond calls, LTX and Mochi for batched [uncond, cond]
 calls; windows, per-step settings, rescale (STG's and the pipeline's own guidance_rescale), CFG off, two perturbed
-passes, and each placement of the perturbed pass (on the cond rank, from a stash sent to another rank, in full on
-another rank). The split and the bytes each rank sends are checked on the records the drivers keep.
+passes, the strategies "batched" and "naive" on the cond rank, and each placement of the perturbed pass (on the
+cond rank, from a stash sent to another rank, in full on another rank). The split and the bytes each rank sends
+are checked on the records the drivers keep.
 
 With 4 processes: branch parallel on the "branch" dimension of a (branch=2, ring=1, ulysses=2) device mesh, with
 diffusers' Ulysses context parallelism on the "ulysses" dimension (2-D), equal to one process.
@@ -31,6 +32,7 @@ WAN = [
     dict(name="wan_two_modes", family="wan", stg=dict(mode=("attention", "residual"), scale=(1.0, 0.5))),
     dict(name="wan22_scale2_1", family="wan22", stg=dict(mode="attention", rescale=0.7),
          call=dict(guidance_scale_2=1.0)),
+    dict(name="wan_naive", family="wan", stg=dict(mode="attention", strategy="naive")),
 ]
 BATCHED = [
     dict(name="ltx_attention", family="ltx", stg=dict(mode="attention")),
@@ -41,6 +43,7 @@ BATCHED = [
     dict(name="ltx_guidance_rescale", family="ltx", stg=dict(mode="attention"), call=dict(guidance_rescale=0.7)),
     dict(name="ltx_stash", family="ltx", stg=dict(mode="attention"), placement="stash"),
     dict(name="ltx_full", family="ltx", stg=dict(mode="attention"), placement="full"),
+    dict(name="ltx_batched", family="ltx", stg=dict(mode="residual", strategy="batched")),
     dict(name="mochi_attention", family="mochi", stg=dict(mode="attention")),
     dict(name="mochi_residual_rescale", family="mochi", stg=dict(mode="residual", rescale=0.7)),
     dict(name="mochi_two_modes", family="mochi", stg=dict(mode=("attention", "residual"), scale=(1.0, 0.5))),

@@ -54,4 +54,4 @@ def test_guider_pipelines_are_refused(group):
 def test_unknown_placement(group):
     tp = tiny_pipeline("wan", vae=False)
     with pytest.raises(ValueError, match="placement"):
-        stg_ext.apply_stg(tp.pipe, 1, "attention", process_group=group, placement="nowhere")
+        stg_ext.apply_stg(tp.pipe, 1, "attention", process_group=group, branch_placement="nowhere")
