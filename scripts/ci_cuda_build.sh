@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 venv=$(realpath -m "${1:-.venv-cuda}")
-out=${STG_EXT_CI_OUT:-$root/build/ci_cuda}
+out=$(realpath -m "${STG_EXT_CI_OUT:-$root/build/ci_cuda}")
 mkdir -p "$out"
 # The user's build sees none of these (the point is that none are needed).
 unset CUDA_HOME CUDA_PATH TORCH_CUDA_ARCH_LIST CPATH LIBRARY_PATH STG_EXT_SKIP_CUDA STG_EXT_NO_EXTENSION
