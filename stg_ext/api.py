@@ -5,13 +5,14 @@ from typing import Any
 
 from torch import nn
 
+from .guidance.attached import session_of
 from .guidance.callers import apply_to_denoiser, apply_to_pipeline
 from .guidance.config import STGConfig
 from .guidance.loop import is_pipeline
 from .guidance.manual import apply_to_custom_loop
 from .guidance.parallel import attach as attach_branch_group
 from .guidance.session import remove_session
-from .weak.model import perturbed, remove_weak_model, weak_model
+from .weak.model import perturbed, remove_weak_model, unwrap, weak_model
 
 __all__ = ["apply_stg", "remove_stg", "weak_model", "perturbed"]
 
@@ -59,15 +60,25 @@ def _apply(target: Any, layer: Any, mode: Any, *, scale: Any, rescale: Any, star
     if is_pipeline(target):
         if cfg_scale is not _UNSET:
             raise TypeError("stg_ext.apply_stg: cfg_scale is read from the pipeline at each call; pass it to pipe(...)")
-        remove_stg(target)
-        return apply_to_pipeline(target, config)
-    if not isinstance(target, nn.Module):
+        kind = "pipeline"
+    elif isinstance(target, nn.Module):
+        kind = "denoiser" if cfg_scale is _UNSET else "custom_loop"
+    else:
         raise TypeError(f"stg_ext.apply_stg: {type(target).__name__} is neither a diffusers pipeline nor a denoiser "
                         "module")
+    earlier = session_of(unwrap(target) if kind != "pipeline" else target)
+    reconfigure = getattr(earlier, "reconfigure", None) if getattr(earlier, "kind", None) == kind else None
+    if reconfigure is not None and reconfigure(config, cfg_scale):
+        return earlier  # same hooks, new settings: a compiled denoiser keeps its compiled code
     remove_stg(target)
-    if cfg_scale is _UNSET:
-        return apply_to_denoiser(target, config)
-    return apply_to_custom_loop(target, config, cfg_scale)
+    if kind == "pipeline":
+        session = apply_to_pipeline(target, config)
+    elif kind == "denoiser":
+        session = apply_to_denoiser(target, config)
+    else:
+        session = apply_to_custom_loop(target, config, cfg_scale)
+    session.kind = kind
+    return session
 
 
 def remove_stg(target: Any) -> None:

@@ -14,7 +14,7 @@ block loop and its output head, so one code path serves every model the adapters
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -44,6 +44,19 @@ class PrefixState:
     start: int = -1             # execution index of the first block the perturbed branch computes
     halve: bool = False         # stash the second half of the rows (batched [uncond, cond] calls)
     stash: Optional[Tuple[tuple, dict]] = None
+    hooks: List["PrefixHook"] = field(default_factory=list)  # every block's hook, in execution order
+
+    def set_phase(self, phase: str) -> None:
+        """Sets the phase and every block's action for it (outside any compiled region: a hook inside a compiled
+        block reads its own action, one of four strings, so that identical blocks share their compiled code)."""
+        self.phase, start = phase, self.start
+        for k, hook in enumerate(self.hooks):
+            if phase == "stash":
+                hook.action = "stash" if k == start else "run"
+            elif phase == "replay":
+                hook.action = "skip" if k < start else "replay" if k == start else "run"
+            else:
+                hook.action = "run"
 
 
 class _BlockHook(ModelHook):
@@ -59,21 +72,26 @@ class _BlockHook(ModelHook):
 
 
 class PrefixHook(_BlockHook):
-    """Stash / skip / replay as the shared PrefixState says."""
+    """Runs ("run"), stashes its inputs and runs ("stash"), returns at once ("skip"), or runs from the stash
+    ("replay"), as its `action` says (set by PrefixState.set_phase)."""
+
+    action = "run"
 
     def new_forward(self, module: nn.Module, *args, **kwargs) -> Any:
-        state, forward = self.state, self.fn_ref.original_forward
-        if state.phase == "stash" and self.index == state.start:
+        action, forward = self.action, self.fn_ref.original_forward
+        if action == "run":
+            return forward(*args, **kwargs)
+        if action == "skip":
+            return self.adapter.skip_output(module, args, kwargs)
+        state = self.state
+        if action == "stash":
             if state.halve:
                 batch = argument(module, args, kwargs, "hidden_states").shape[0]
                 state.stash = cond_half(module, self.adapter, args, kwargs, batch)
             else:
                 state.stash = (args, kwargs)
-        elif state.phase == "replay":
-            if self.index < state.start:
-                return self.adapter.skip_output(module, args, kwargs)
-            if self.index == state.start:
-                args, kwargs = state.stash
+            return forward(*args, **kwargs)
+        args, kwargs = state.stash
         return forward(*args, **kwargs)
 
 
@@ -136,6 +154,7 @@ class PerturbedBranch:
             raise ValueError(f"stg_ext: unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
         self.model = unwrap(model)
         self.adapter = get_adapter(self.model)
+        read_signature(self.model)  # the drivers take the cond half of its calls: read now (see base._PARAMS)
         for mode in modes:
             check_mode(self.model, mode)
         all_layers = self.adapter.layers(self.model)
@@ -175,7 +194,9 @@ class PerturbedBranch:
                 # falls back to "sequential": same result, same passes.
                 self.prefix = PrefixState()
                 for k, block in enumerate(blocks):
-                    self._installed.append(install(block, PrefixHook(self.adapter, self.prefix, k), PREFIX_HOOK))
+                    hook = PrefixHook(self.adapter, self.prefix, k)
+                    self.prefix.hooks.append(hook)
+                    self._installed.append(install(block, hook, PREFIX_HOOK))
         except Exception:
             self.remove()
             raise
@@ -214,16 +235,26 @@ class PerturbedBranch:
             with self._joined(spec, halve, n_rows):
                 yield
             return
+        with self.idle(spec, halve):
+            yield
+
+    @contextmanager
+    def idle(self, spec: LayerSpec, halve: bool) -> Iterator[None]:
+        """Around a stock call that no perturbed pass follows (outside the window): stashes as a guided step's
+        stock pass does, so a compiled model runs the same compiled code whether the step is guided or not (the
+        stash holds references to tensors the call has anyway, until it returns)."""
         state = self.prefix
         if state is None or self._foreign_block_hooks():
             yield
             return
-        state.phase, state.halve, state.stash = "stash", halve, None
+        state.halve, state.stash = halve, None
         state.start = self._start(spec)
+        state.set_phase("stash")
         try:
             yield
         finally:
-            state.phase, state.stash = "off", None
+            state.set_phase("off")
+            state.stash = None
 
     @contextmanager
     def _joined(self, spec: LayerSpec, halve: bool, n_rows: int) -> Iterator[None]:
@@ -255,9 +286,9 @@ class PerturbedBranch:
         state = self.prefix
         replay = state is not None and state.stash is not None and state.phase != "off"
         if replay:
-            state.phase = "replay"
+            state.set_phase("replay")
         elif state is not None:
-            state.phase = "off"  # nothing stashed (the block did not run in the stock pass): a full pass
+            state.set_phase("off")  # nothing stashed (the block did not run in the stock pass): a full pass
         with self.live(mode, spec):
             return forward(*args, **kwargs)
 

@@ -30,6 +30,16 @@ class Binding:
 
     def __init__(self, session: GuidanceSession, pipe: Any, spec: PipelineSpec, tracker: LoopTracker):
         self.session, self.pipe, self.spec, self.tracker = session, pipe, spec, tracker
+        tracker.listeners.append(self.on_run_start)
+        self.on_run_start()
+
+    def on_run_start(self) -> None:
+        # A denoiser compiled (or wrapped by torch.compile) since STG was applied gets the guidance around its
+        # compiled code before its first call of this run.
+        models = list(self.session.models.values())
+        wrappers = [v for v in self.pipe.components.values()
+                    if isinstance(v, nn.Module) and v is not unwrap(v) and any(unwrap(v) is m for m in models)]
+        self.session.enter_compiled(wrappers)
 
     def view(self, denoiser: str) -> Optional[LoopView]:
         run = self.tracker.run
@@ -41,6 +51,8 @@ class Binding:
                         convention=self.spec.convention)
 
     def detach(self) -> None:
+        if self.on_run_start in self.tracker.listeners:
+            self.tracker.listeners.remove(self.on_run_start)
         self.tracker.release()
 
 
@@ -95,15 +107,21 @@ class PipelineLocator:
                     return None  # another pipeline that shares the denoiser: it runs stock
                 binding = self.bind(pipe, during_call=True)
             return binding.view(denoiser)
-        live = [b for b in self.bindings.values() if b.tracker.run is not None]
-        if not live:
+        # Traced by torch.compile (a compiled region that stg_ext could not step outside of, e.g. a compiled
+        # function calling the denoiser): no frames; the pipeline whose run started last owns the call.
+        current = None
+        for binding in self.bindings.values():
+            run = binding.tracker.run
+            if run is not None and (current is None or run.serial > current.tracker.run.serial):
+                current = binding
+        if current is None:
             if not self.bindings:
                 raise RuntimeError(
                     "stg_ext: apply_stg(denoiser) found no pipeline holding the denoiser when it was applied, and a "
-                    "compiled denoiser cannot look for its caller: apply STG after building the pipeline, or apply it "
+                    "compiled region cannot look for its caller: apply STG after building the pipeline, or apply it "
                     "to the pipeline (stg_ext.apply_stg(pipe, ...))")
             return None
-        return max(live, key=lambda b: b.tracker.run.serial).view(denoiser)
+        return current.view(denoiser)
 
     def detach(self) -> None:
         pipeline_rescale.detach(self.session)

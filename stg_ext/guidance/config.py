@@ -127,6 +127,12 @@ class STGConfig:
     # --- per step ------------------------------------------------------------------------------------
 
     @property
+    def structure(self) -> Tuple:
+        """What the installed hooks depend on (modes, layers, strategy): a config with the same structure can
+        replace this one on an installed session without touching the model (so compiled code stays valid)."""
+        return (self.modes, tuple(map(repr, self.all_layers())), self.strategy)
+
+    @property
     def has_per_step(self) -> bool:
         """True when scale, rescale or layer is a per-step sequence."""
         return self._per_step_scale or self._per_step_rescale or self._per_step_layer
@@ -153,6 +159,10 @@ class STGConfig:
         rescale = self.rescale[i] if self._per_step_rescale else self.rescale
         layer = self.layer.values[i] if self._per_step_layer else self.layer
         return StepSettings(layer, self._scale_item(scale, ""), float(rescale))
+
+    def idle_layer(self, i: int, n_steps: int) -> LayerSpec:
+        """The layer spec of step i whether or not STG is active there (its own per-step entry, else the one)."""
+        return self.layer.values[i] if self._per_step_layer and 0 <= i < n_steps else self.all_layers()[0]
 
     def all_layers(self) -> Sequence[LayerSpec]:
         """Every layer spec the schedule may use."""

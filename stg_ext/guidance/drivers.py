@@ -42,6 +42,7 @@ class Call:
     orthogonalize: bool
     cfg_scale: Any               # None: CFG off
     role: str = "cond"           # separate calls: "cond" or "uncond"
+    idle_layer: Any = None       # outside the window: the layer whose stash the stock call still takes
     isolate: Callable[[str], ContextManager] = lambda mode: nullcontext()  # wraps each perturbed pass
 
 
@@ -76,10 +77,27 @@ class CFGBatchDriver:
         self.adapter = adapter
         self.model = model
         self.last_fold: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (c, c') of the last fold
+        self.last_output: Optional[torch.Tensor] = None  # the [u, c'] it was returned in
+        self._cfg: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # a cfg tensor and its checked fp32 form
+
+    def _cfg_scale(self, g: Any, like: torch.Tensor) -> Any:
+        """A per-element CFG scale (SVD's per-frame tensor, the same for a whole run): checked for zeros and
+        expanded once per run, not at every step (the expansion is a latent-sized copy)."""
+        if not isinstance(g, torch.Tensor):
+            return g
+        cached = self._cfg
+        if cached is None or cached[0] is not g or cached[1].shape != like.shape:
+            # An asynchronous check: raises on the CPU at once, on a GPU when the device gets there (no host sync).
+            torch._assert_async((g != 0).all(), "stg_ext: the pipeline's cfg_scale tensor has zeros; STG folds by "
+                                "dividing by it")
+            wide = g.to(torch.promote_types(g.dtype, torch.float32)).expand(like.shape).contiguous()
+            self._cfg = cached = (g, wide)
+        return cached[1]
 
     def __call__(self, call: Call) -> Any:
         if call.settings is None:
-            return call.forward(*call.args, **call.kwargs)
+            with call.branch.idle(call.idle_layer, halve=call.cfg_scale is not None):
+                return call.forward(*call.args, **call.kwargs)
         with call.branch.reuse(call.settings.layer, halve=call.cfg_scale is not None, n_rows=_rows(call)):
             return self._guided(call)
 
@@ -99,10 +117,12 @@ class CFGBatchDriver:
         u, c = pred[: batch // 2], pred[batch // 2:]
         args, kwargs = cond_half(self.model, self.adapter, call.args, call.kwargs, batch)
         ps = perturbed_predictions(call, args, kwargs)
-        c_folded = combine(c, _plist(ps), u, cfg_scale=call.cfg_scale, stg_scale=_scale_arg(s.scales),
+        c_folded = combine(c, _plist(ps), u, cfg_scale=self._cfg_scale(call.cfg_scale, c), cfg_checked=True,
+                           stg_scale=_scale_arg(s.scales),
                            rescale=s.rescale, orthogonalize=call.orthogonalize, fold=True)
-        self.last_fold = (c, c_folded)
-        return with_prediction(out, torch.cat([u, c_folded]))
+        joined = torch.cat([u, c_folded])
+        self.last_fold, self.last_output = (c, c_folded), joined
+        return with_prediction(out, joined)
 
 
 class SeparateDriver:
@@ -126,7 +146,8 @@ class SeparateDriver:
         # leave the next run's cond call taken for an uncond call.
         self.expect_uncond, self.pending = None, None
         if call.settings is None:
-            out = call.forward(*call.args, **call.kwargs)
+            with call.branch.idle(call.idle_layer, halve=False):
+                out = call.forward(*call.args, **call.kwargs)
         else:
             with call.branch.reuse(call.settings.layer, halve=False, n_rows=_rows(call)):
                 out = self._cond(call, step)

@@ -22,7 +22,7 @@ import itertools
 import sys
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import diffusers
 from torch import nn
@@ -158,6 +158,7 @@ class LoopTracker:
         self.pipe, self.spec = pipe, spec
         self.users = 0
         self.run: Optional[Run] = None
+        self.listeners: List[Callable[[], None]] = []  # called at each run's start (eagerly, in the loop)
         self.scheduler = getattr(pipe, "scheduler", None)
         self._saved: Dict = {}
         self._wrappers = []
@@ -188,6 +189,8 @@ class LoopTracker:
     def start_run(self, frame_locals: Optional[Dict[str, Any]], count: int) -> Run:
         found = read_run_locals(self.pipe, self.spec.run_locals, frame_locals)
         self.run = Run(next(_RUN_SERIAL), self.spec.start_run(self.pipe, found), count=count)
+        for listener in list(self.listeners):
+            listener()
         return self.run
 
     def _count(self) -> None:

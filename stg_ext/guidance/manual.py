@@ -38,6 +38,13 @@ class ManualLoop:
 
 
 class DenoiserSession(GuidanceSession):
+    def reconfigure(self, config: STGConfig, cfg_scale: Any = None) -> bool:
+        if not super().reconfigure(config):
+            return False
+        fresh = ManualLoop(cfg_scale, config)
+        self._loop.cfg_scale, self._loop.needs_steps = fresh.cfg_scale, fresh.needs_steps
+        return True
+
     def set_step(self, i: int, n_steps: int) -> None:
         if not 0 <= i < n_steps:
             raise ValueError(f"stg_ext: set_step needs 0 <= i < n_steps, got i={i}, n_steps={n_steps}")

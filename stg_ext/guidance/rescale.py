@@ -26,8 +26,14 @@ def _cond_for(noise_pred_text: torch.Tensor, sessions: List[Any]) -> torch.Tenso
             if last is None:
                 continue
             c, c_folded = last
-            if c_folded.shape == noise_pred_text.shape and torch.equal(c_folded.to(noise_pred_text.dtype),
-                                                                       noise_pred_text):
+            if c_folded.shape != noise_pred_text.shape:
+                continue
+            # The pipeline's noise_pred_text is a chunk of what the driver returned (same storage, no device sync)
+            # or, when the pipeline upcast it first (a bf16 model), a copy: then the values are compared (a device sync).
+            joined = getattr(driver, "last_output", None)
+            same_storage = (joined is not None
+                            and noise_pred_text.untyped_storage().data_ptr() == joined.untyped_storage().data_ptr())
+            if same_storage or torch.equal(c_folded.to(noise_pred_text.dtype), noise_pred_text):
                 return c.to(noise_pred_text.dtype)
     return noise_pred_text
 

@@ -335,22 +335,37 @@ class _Run:
             if self.has_begin:
                 scheduler._begin_index = ext_begin
 
+    def _position(self, timestep) -> Optional[int]:
+        """The loop position of `timestep` when it is an entry of the schedule the loop iterates (the `t` of
+        `for i, t in enumerate(timesteps)` is a view into it): read from its address, without a device sync."""
+        base = self.extended["timesteps"]
+        if (isinstance(timestep, torch.Tensor) and timestep.dim() == 0 and timestep.dtype == base.dtype
+                and timestep.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()):
+            return (timestep.data_ptr() - base.data_ptr()) // base.element_size()
+        return None
+
     def sync(self, scheduler, timestep) -> None:
         """Checks that the loop is at the expected entry. At its first call the loop may start past entry 0 (a
-        schedule cut by strength): at the scheduler's begin index if set, else at the timestep's first entry."""
+        schedule cut by strength): at the scheduler's begin index if set, else at the timestep's entry. A `t` taken
+        from the schedule is placed by its address; any other (a copy, a number) by its value (a device sync)."""
+        position = self._position(timestep)
         got = None
-        if timestep is not None:
+        if position is None and timestep is not None:
             got = _f(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
         if not self.started:
             self.started = True
             begin = getattr(scheduler, "_begin_index", None)
             if begin is not None:
                 self.pos = int(begin)
+            elif position is not None:
+                self.pos = position
             elif got is not None:
                 self.pos = next((p for p, want in enumerate(self.expected) if _close(got, want)), 0)
         if self.pos >= len(self.expected):
             raise RuntimeError(f"stg_ext.apply_restart: the pipeline called the scheduler after the last of the "
                                f"{len(self.expected)} steps of the restarted schedule")
+        if position is not None and position != self.pos:
+            got = self.expected[position]
         if got is not None and not _close(got, self.expected[self.pos]):
             raise RuntimeError(
                 f"stg_ext.apply_restart: at loop position {self.pos} the pipeline passed timestep {got}, but the "

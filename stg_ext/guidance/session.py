@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import CacheContext, StateManager, _set_cache_context
@@ -51,12 +51,36 @@ class GuidanceHook(ModelHook):
         self.session = session
         self.denoiser = denoiser
         self.context = _ContextProbe()
+        # True once the guidance runs around the compiled model (CompiledEntry): then each pass through here is
+        # one of the guidance's own calls of the compiled model, and only the stock forward runs here.
+        self.passthrough = False
 
     def new_forward(self, module: nn.Module, *args, **kwargs) -> Any:
-        return self.session.on_call(self, module, args, kwargs)
+        if self.passthrough:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        return self.session.on_call(self, module, args, kwargs, self.fn_ref.original_forward)
 
     def reset_state(self, module: nn.Module) -> nn.Module:
         return module
+
+
+class CompiledEntry:
+    """The guidance around a compiled denoiser, installed where the compiled code is entered (`model.compile()`'s
+    `_compiled_call_impl`, or a `torch.compile(model)` wrapper's `forward`). The loop state, the choice of passes and
+    the combination run here, eagerly; each pass is one call of the compiled model, whose guidance hook then only
+    runs the stock forward. So nothing of the guidance is traced: no graph breaks, and no per-step value in the
+    compiled graphs' guards."""
+
+    def __init__(self, session: "GuidanceSession", hook: GuidanceHook, owner: Any, attr: str):
+        self.session, self.hook, self.owner, self.attr = session, hook, owner, attr
+        self.compiled = owner.__dict__[attr]
+
+    def __call__(self, *args, **kwargs) -> Any:
+        return self.session.on_call(self.hook, self.session.models[self.hook.denoiser], args, kwargs, self.compiled)
+
+    def remove(self) -> None:
+        if self.owner.__dict__.get(self.attr) is self:
+            object.__setattr__(self.owner, self.attr, self.compiled)
 
 
 @dataclass
@@ -88,8 +112,13 @@ class GuidanceSession(Handle):
         self.drivers: Dict[Tuple[str, str], Any] = {}
         self._installed: List = []
         self._on_remove: List[Callable[[], None]] = []
+        self.hooks: Dict[str, GuidanceHook] = {}
+        self.wrappers: List[nn.Module] = []  # torch.compile wrappers (OptimizedModule) of the denoisers
+        self.entries: List[CompiledEntry] = []
         try:
             for name, model in denoisers.items():
+                if model is not unwrap(model):
+                    self.wrappers.append(model)
                 model = unwrap(model)
                 if session_of(model) is not None:
                     raise RuntimeError(f"stg_ext: {name} ({type(model).__name__}) already carries STG guidance (from "
@@ -97,11 +126,37 @@ class GuidanceSession(Handle):
                 remove_weak_model(model)
                 self.models[name] = model
                 self.branches[name] = PerturbedBranch(model, config.modes, config.all_layers(), config.strategy)
-                self._installed.append(install(model, GuidanceHook(self, name), GUIDANCE_HOOK))
+                self.hooks[name] = GuidanceHook(self, name)
+                self._installed.append(install(model, self.hooks[name], GUIDANCE_HOOK))
                 record(model, self)
+            self.enter_compiled()
         except Exception:
             self.remove()
             raise
+
+    def enter_compiled(self, wrappers: Sequence[nn.Module] = ()) -> None:
+        """Moves the guidance around each denoiser's compiled code, wherever it has some now (called when STG is
+        applied and when a sampling run starts, so a model compiled after apply_stg is found before its first
+        call). `wrappers`: torch.compile wrappers of the denoisers seen elsewhere (a pipeline's components)."""
+        for wrapper in wrappers:
+            if all(wrapper is not w for w in self.wrappers):
+                self.wrappers.append(wrapper)
+        for name, model in self.models.items():
+            places = [(model, "_compiled_call_impl")] if model.__dict__.get("_compiled_call_impl") is not None else []
+            places += [(w, "forward") for w in self.wrappers if unwrap(w) is model and "forward" in w.__dict__]
+            for owner, attr in places:
+                if not isinstance(owner.__dict__[attr], CompiledEntry):
+                    self.entries.append(CompiledEntry(self, self.hooks[name], owner, attr))
+                    object.__setattr__(owner, attr, self.entries[-1])
+                    self.hooks[name].passthrough = True
+
+    def reconfigure(self, config: STGConfig, cfg_scale: Any = None) -> bool:
+        """Takes `config` in place of the current one when the installed hooks serve it (same structure);
+        False otherwise (the caller then installs a new session)."""
+        if config.structure != self.config.structure:
+            return False
+        self.config, self._checked_run = config, None
+        return True
 
     def driver(self, denoiser: str, convention: str) -> Any:
         key = (denoiser, convention)
@@ -117,8 +172,9 @@ class GuidanceSession(Handle):
 
     # --- per call ---------------------------------------------------------------------------------------------
 
-    def on_call(self, hook: GuidanceHook, module: nn.Module, args: tuple, kwargs: dict) -> Any:
-        forward = hook.fn_ref.original_forward
+    def on_call(self, hook: GuidanceHook, module: nn.Module, args: tuple, kwargs: dict, forward: Callable) -> Any:
+        """One denoiser call: `forward` runs the stock model (its forward below the guidance hook, or its compiled
+        code)."""
         loop = self.locate(hook.denoiser, module)
         if loop is None:
             if not self._warned_outside:
@@ -134,7 +190,7 @@ class GuidanceSession(Handle):
             settings = None
         driver = self.driver(hook.denoiser, loop.convention)
         call = Call(forward, args, kwargs, self.branches[hook.denoiser], settings, self.config.modes,
-                    self.config.orthogonalize, loop.cfg_scale)
+                    self.config.orthogonalize, loop.cfg_scale, idle_layer=self.config.idle_layer(loop.step, loop.n_steps))
         context = hook.context._context
         call.isolate = _own_cache_context(module, context)
         if loop.convention == "cfg_batch":
@@ -148,6 +204,9 @@ class GuidanceSession(Handle):
         for fn in self._on_remove:
             fn()
         self._on_remove = []
+        for entry in self.entries:
+            entry.remove()
+        self.entries = []
         uninstall(self._installed)
         self._installed = []
         for branch in self.branches.values():

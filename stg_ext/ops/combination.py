@@ -47,7 +47,7 @@ def _check_like(t: torch.Tensor, cond: torch.Tensor, name: str) -> None:
         raise ValueError(f"stg_ext.combine: {name} is on {t.device}, cond on {cond.device}; they must match")
 
 
-def _check_cfg(cfg_scale, cond: torch.Tensor, fold: bool):
+def _check_cfg(cfg_scale, cond: torch.Tensor, fold: bool, cfg_checked: bool = False):
     if isinstance(cfg_scale, torch.Tensor):
         try:
             torch.broadcast_shapes(cfg_scale.shape, cond.shape)
@@ -60,7 +60,7 @@ def _check_cfg(cfg_scale, cond: torch.Tensor, fold: bool):
         if cfg_scale.device != cond.device:
             raise ValueError(f"stg_ext.combine: cfg_scale is on {cfg_scale.device}, cond on {cond.device}")
         # A per-element scale may contain 1 (SVD's first frame: fold is the identity there); 0 is singular.
-        if fold and not torch.compiler.is_compiling() and bool((cfg_scale == 0).any()):
+        if fold and not cfg_checked and not torch.compiler.is_compiling() and bool((cfg_scale == 0).any()):
             raise ValueError("stg_ext.combine: fold=True divides by cfg_scale; the cfg_scale tensor has zeros")
         return cfg_scale
     g = _real(cfg_scale, "cfg_scale")
@@ -89,6 +89,7 @@ def combine(
     orthogonalize: bool = False,
     fold: bool = False,
     backend: str = "auto",
+    cfg_checked: bool = False,
 ) -> torch.Tensor:
     """STG guidance combination (STG_SPEC section 2).
 
@@ -97,6 +98,8 @@ def combine(
     ``orthogonalize=True`` projects ``c - p_t`` off ``c - p_s`` per sample (Algorithm 5).
     ``rescale=r`` multiplies ``f`` by ``r std(c)/std(f) + 1 - r`` per sample (Algorithm 4).
     ``fold=True`` returns ``c' = u + (f - u)/g`` instead, so a caller that applies plain CFG ends with ``f``.
+    ``cfg_checked=True``: the caller has checked a cfg_scale tensor for zeros already (that check reads the tensor
+    on the host: a device sync, which a sampling loop does once per run, not at every step).
 
     All STG scales 0 with ``rescale=0`` returns exactly what plain CFG gives (``u + g (c - u)`` in the
     inputs' dtype, or ``cond`` itself when folding), bit for bit. Otherwise the math runs in fp32 and the
@@ -119,7 +122,7 @@ def combine(
                          f"got {len(plist)} perturbed tensor(s)")
     if fold and uncond is None:
         raise ValueError("stg_ext.combine: fold=True needs uncond (it folds f into a CFG call's cond slot)")
-    g = _check_cfg(cfg_scale, cond, fold)
+    g = _check_cfg(cfg_scale, cond, fold, cfg_checked)
     chosen = _resolve_backend(backend, cond, len(plist))
 
     if rescale == 0.0 and all(s == 0.0 for s in scales):

@@ -15,7 +15,7 @@ from torch import nn
 
 from .adapters.base import AttentionTarget, ModelAdapter, argument, read_signature
 from .batch import cat_rows, take_rows
-from .identity_attention import IdentityAttentionMode
+from .identity_attention import IdentityAttentionMode, IdentityProcessor
 
 SKIP_HOOK = "stg_ext.skip_block"
 IDENTITY_HOOK = "stg_ext.identity_attention"
@@ -64,6 +64,25 @@ class IdentityAttentionHook(ModelHook):
         self.target = target
         self.state = state
         self.shared = shared  # the model's per-call (not per-sample) arguments, for joined batches
+        self.twin: Optional[IdentityProcessor] = None
+
+    def initialize_hook(self, module: nn.Module) -> nn.Module:
+        self._twin(module)  # now, not while torch.compile traces a call
+        return module
+
+    def deinitalize_hook(self, module: nn.Module) -> nn.Module:  # (sic: diffusers' name)
+        if self.twin is not None:
+            self.twin.release()
+            self.twin = None
+        return module
+
+    def _twin(self, module: nn.Module) -> Optional[IdentityProcessor]:
+        processor = getattr(module, "processor", None)
+        if self.twin is None or self.twin.processor is not processor:
+            if self.twin is not None:
+                self.twin.release()
+            self.twin = IdentityProcessor(processor, self.target.joint) if IdentityProcessor.applies_to(processor) else None
+        return self.twin
 
     def new_forward(self, module: nn.Module, *args, **kwargs) -> Any:
         if not self.state.active:
@@ -79,9 +98,25 @@ class IdentityAttentionHook(ModelHook):
             return self.target.value_only(module, *args, **kwargs)
         return self._intercepted(module, args, kwargs)
 
-    # A TorchFunctionMode cannot be traced by torch.compile: this part runs eagerly (a clean graph break).
-    @torch.compiler.disable
     def _intercepted(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        twin = self._twin(module)
+        if twin is not None:
+            out = twin(module, *args, **kwargs)
+            if twin.calls == 0:
+                self._found_none(module)
+            return out
+        return self._intercepted_by_mode(module, args, kwargs)
+
+    def _found_none(self, module: nn.Module) -> None:
+        raise RuntimeError(
+            f"stg_ext: STG-A on {self.target.path} found no scaled_dot_product_attention call to make the "
+            f"identity ({type(getattr(module, 'processor', module)).__name__} does not use torch's SDPA, e.g. "
+            "a non-native attention backend); use the native backend or value_only=True")
+
+    # The TorchFunctionMode is not traced by torch.compile: this part runs eagerly (only for modules without an
+    # attention processor of the usual form).
+    @torch.compiler.disable
+    def _intercepted_by_mode(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         n_video = None
         if self.target.joint is not None:
             # Every attention module's forward takes hidden_states first.
@@ -90,10 +125,7 @@ class IdentityAttentionHook(ModelHook):
         with mode:
             out = self.fn_ref.original_forward(*args, **kwargs)
         if mode.intercepted == 0:
-            raise RuntimeError(
-                f"stg_ext: STG-A on {self.target.path} found no scaled_dot_product_attention call to make the "
-                f"identity ({type(getattr(module, 'processor', module)).__name__} does not use torch's SDPA, e.g. "
-                "a non-native attention backend); use the native backend or value_only=True")
+            self._found_none(module)
         return out
 
 

@@ -1,6 +1,11 @@
 """STG-A by interception: while a perturbed self-attention module runs, its scaled_dot_product_attention
 call returns the identity attention instead (STG_SPEC section 3).
 
+Two ways, the same result: `IdentityProcessor` runs a twin of the module's attention processor whose globals
+name stg_ext's identity in place of `F.scaled_dot_product_attention` and diffusers' `dispatch_attention_fn` (plain
+Python that torch.compile traces like the processor itself); `IdentityAttentionMode` (a TorchFunctionMode, eager
+only) catches the call wherever it comes from, for modules without a processor.
+
 This is exact for every processor that routes attention through `F.scaled_dot_product_attention` (all
 diffusers video processors do, directly or through `dispatch_attention_fn`'s native backend), whatever it
 does before (projections, norms, rotary embeddings, concatenation) or after (splits, output projections,
@@ -9,10 +14,13 @@ the text keys (`stg_ext.ops.identity_joint_attention`), and the text queries att
 """
 from __future__ import annotations
 
-from typing import Optional
+import inspect
+import types
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .adapters.base import JointLayout
@@ -95,3 +103,84 @@ class IdentityAttentionMode(TorchFunctionMode):
                 raise RuntimeError("stg_ext: STG-A target is a cross-attention (query and key lengths differ)")
             return _repeat_kv(v, q.shape[-3])
         return joint_identity_sdpa(q, k, v, a.get("attn_mask"), a.get("scale"), self.n_video, self.joint)
+
+
+def identity_sdpa(query, key, value, attn_mask, is_causal, scale, n_video: Optional[int],
+                  joint: Optional[JointLayout]) -> torch.Tensor:
+    """STG-A's replacement of one `scaled_dot_product_attention(query, key, value, ...)` call (B, H, S, D)."""
+    if is_causal:
+        raise NotImplementedError("stg_ext: identity attention under is_causal=True is not defined")
+    if joint is None:
+        if query.shape[-2] != value.shape[-2]:
+            raise RuntimeError("stg_ext: STG-A target is a cross-attention (query and key lengths differ)")
+        return _repeat_kv(value, query.shape[-3])
+    return joint_identity_sdpa(query, key, value, attn_mask, scale, n_video, joint)
+
+
+def _renamed(code: types.CodeType, names: Dict[str, str]) -> types.CodeType:
+    """`code` (and the functions defined inside it) with global names renamed."""
+    consts = tuple(_renamed(c, names) if isinstance(c, types.CodeType) else c for c in code.co_consts)
+    return code.replace(co_names=tuple(names.get(n, n) for n in code.co_names), co_consts=consts)
+
+
+class IdentityProcessor:
+    """Runs a module's attention processor with STG-A's identity in place of its attention call.
+
+    Built once per processor (outside any compiled region): a copy of the processor's `__call__` whose global
+    names `F` and `dispatch_attention_fn` (diffusers' backend dispatch, (B, S, H, D) layout) are renamed to
+    stg_ext's twins, added to the same module's globals: `F`'s twin is torch.nn.functional but for
+    `scaled_dot_product_attention`. The copy keeps the processor module's globals, so torch.compile traces it
+    like the processor itself. `release()` takes the added names out again."""
+
+    def __init__(self, processor: Any, joint: Optional[JointLayout]):
+        self.processor, self.joint = processor, joint
+        self.n_video: Optional[int] = None
+        self.calls = 0  # attention calls replaced (0 after a call means the processor made none stg_ext knows)
+        call = type(processor).__call__
+        twin = self
+
+        def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                         scale=None, enable_gqa=False):
+            twin.calls += 1
+            return identity_sdpa(query, key, value, attn_mask, is_causal, scale, twin.n_video, twin.joint)
+
+        def dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                  enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
+            twin.calls += 1
+            q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+            return identity_sdpa(q, k, v, attn_mask, is_causal, scale, twin.n_video, twin.joint).transpose(1, 2)
+
+        functional = types.ModuleType("torch.nn.functional")
+        functional.__dict__.update(F.__dict__)
+        functional.scaled_dot_product_attention = scaled_dot_product_attention
+        prefix = f"__stg_ext_identity_{id(self):x}_"
+        self._globals = call.__globals__
+        self._added = {prefix + "F": functional, prefix + "dispatch_attention_fn": dispatch_attention_fn}
+        self._globals.update(self._added)
+        code = _renamed(call.__code__, {"F": prefix + "F", "dispatch_attention_fn": prefix + "dispatch_attention_fn"})
+        self._call = types.FunctionType(code, self._globals, call.__name__, call.__defaults__, call.__closure__)
+        self._call.__kwdefaults__ = call.__kwdefaults__
+        signature = inspect.signature(call)
+        self.parameters = set(signature.parameters) - {"self"}
+        self.takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+
+    @staticmethod
+    def applies_to(processor: Any) -> bool:
+        call = getattr(type(processor), "__call__", None)
+        return isinstance(call, types.FunctionType) and ("F" in call.__code__.co_names
+                                                         or "dispatch_attention_fn" in call.__code__.co_names)
+
+    def release(self) -> None:
+        for name in self._added:
+            self._globals.pop(name, None)
+        self._added = {}
+
+    def __call__(self, module: nn.Module, *args, **kwargs) -> Any:
+        """What `module.forward(*args, **kwargs)` returns with the identity (the module's forward passes its
+        arguments to the processor in the same order, dropping keywords the processor does not take)."""
+        if not self.takes_any:
+            kwargs = {k: v for k, v in kwargs.items() if k in self.parameters}
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        self.n_video, self.calls = hidden.shape[1], 0
+        out = self._call(self.processor, module, *args, **kwargs)
+        return out

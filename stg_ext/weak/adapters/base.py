@@ -161,6 +161,8 @@ def plain_value_only(attn: nn.Module, hidden_states: torch.Tensor, *args, **kwar
 # torch.compile's tracing (a graph break inside a model's block loop makes dynamo give up on the whole forward),
 # so a module class's parameters are read once, when a hook is installed, and calls only index tuples.
 
+# Read once per class, when a hook is installed: a compiled call then only looks the class up (torch.compile
+# guards on this dict, so every class a call will look up is read at install time, not during a first call).
 _PARAMS: Dict[type, Tuple[Tuple[str, ...], Dict[str, Any]]] = {}
 
 
