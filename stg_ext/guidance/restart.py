@@ -62,7 +62,7 @@ re-noising is applied to the output of the step that ends a pass. After the last
 exactly as a stock run leaves it. A deep copy of the scheduler (LTX-2 copies it for its audio latents) restarts
 on its own, in step with the original, with `seed + 1`.
 
-Verified (tests/pipelines/test_restart.py): K = 0 and empty windows are the stock pipeline bit for bit; the
+Verified (tests/guidance/test_restart.py): K = 0 and empty windows are the stock pipeline bit for bit; the
 denoiser runs exactly K*m more steps; final latents equal hand-written Algorithm-3 loops for Wan (flow
 matching), SVD (EDM Euler) and CogVideoX (VP DDIM), and for all seven schedulers on a toy denoiser; the
 re-noising maps the marginal after step b onto the marginal entering step a; removal restores the scheduler.

@@ -8,7 +8,7 @@ arguments of a short, deterministic run:
     latents = tp.pipe(**tp.call_kwargs(steps=3)).frames       # tp.latent_shape
     video = tp.pipe(**tp.call_kwargs(output_type="np")).frames  # tp.frames frames of tp.size
 
-The denoisers use the configs of tests/models (3 blocks; HunyuanVideo 2 dual + 2 single), so that STG layer
+The denoisers use the configs of tests/weak/models (3 blocks; HunyuanVideo 2 dual + 2 single), so that STG layer
 choices are meaningful. Text conditioning comes as random `prompt_embeds` drawn from the call's seed;
 `text_encoder=True` (mochi, ltx, cogvideox, wan, wan22) adds a tiny tokenizer and text encoder so that
 `call_kwargs(prompt="a cat")` lets the pipeline encode the prompt itself.
@@ -186,7 +186,7 @@ def _ddim():
     return DDIMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, clip_sample=False)
 
 
-# The Wan-style transformer config of tests/models/test_wan.py (Wan 2.1/2.2 and SkyReels-V2).
+# The Wan-style transformer config of tests/weak/models/test_wan.py (Wan 2.1/2.2 and SkyReels-V2).
 _WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
             text_dim=32, freq_dim=32, ffn_dim=64, num_layers=3, rope_max_seq_len=32)
 
@@ -420,7 +420,7 @@ def _cosmos_call(pipe, gen, cfg):
 
 def _dummy_cosmos_safety_checker():
     class DummyCosmosSafetyChecker(ModelMixin, ConfigMixin):
-        """Accepts every prompt and video (what diffusers' tests/pipelines/cosmos/cosmos_guardrail.py does)."""
+        """Accepts every prompt and video (what diffusers' tests/guidance/cosmos/cosmos_guardrail.py does)."""
 
         def __init__(self):
             super().__init__()

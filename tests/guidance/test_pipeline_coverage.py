@@ -23,7 +23,7 @@ import torch
 import stg_ext
 from stg_ext.testing.tiny import CFG_SCALE, tiny_pipeline
 # Modules, not the classes: a Test* class imported here would be collected (and run) again.
-from tests.models import test_allegro, test_easyanimate, test_ltx, test_wan
+from tests.weak.models import test_allegro, test_easyanimate, test_ltx, test_wan
 
 from . import test_guided_sampling as guided
 from ._reference import Guidance, ReferenceSampler, formula

@@ -4,7 +4,7 @@ The pipeline's own loop drives (its latents, scheduler, embeddings and post-proc
 value is computed here, without stg_ext: at each step the reference computes
 
     u, c  with the stock denoiser,
-    p     with a deep copy of the denoiser perturbed by the plain per-family references of tests/models,
+    p     with a deep copy of the denoiser perturbed by the plain per-family references of tests/weak/models,
     f     = u + g (c - u) + s (c - p)     (or c + s (c - p) with CFG off; factorized: one term per mode),
           rescaled per sample by r std(c)/std(f) + 1 - r,
           then the pipeline's own guidance_rescale, if any, against c,

@@ -12,7 +12,7 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-# The shared fixtures of WeakModelTests (tests/models/_harness.py): one model, inputs and stock output per
+# The shared fixtures of WeakModelTests (tests/weak/models/_harness.py): one model, inputs and stock output per
 # test class, built from the class's ModelCase.
 @pytest.fixture(scope="class")
 def model(request):

@@ -18,7 +18,7 @@ import torch
 import stg_ext
 from stg_ext.testing.tiny import tiny_pipeline
 # Modules, not the classes: a Test* class imported here would be collected (and run) again.
-from tests.models import test_cogvideox, test_hunyuan_video, test_latte, test_ltx, test_mochi, test_svd, test_wan
+from tests.weak.models import test_cogvideox, test_hunyuan_video, test_latte, test_ltx, test_mochi, test_svd, test_wan
 
 from ._reference import Guidance, ReferenceSampler
 
@@ -67,7 +67,7 @@ def _swap(pairs: Dict[str, str], kw: dict) -> Callable[[dict], dict]:
 @dataclass
 class Family:
     name: str
-    tests: type  # the tests/models class whose plain references perturb the denoiser
+    tests: type  # the tests/weak/models class whose plain references perturb the denoiser
     convention: str
     cfg: Callable[[dict], Callable[[Any, int], Any]]
     layer: int = 1

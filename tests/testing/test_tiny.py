@@ -12,7 +12,7 @@ VAE_OPTIONAL = {"mochi", "ltx", "cogvideox", "wan", "wan22", "skyreels_v2", "hun
 TEXT_FAMILIES = ("mochi", "ltx", "cogvideox", "wan", "wan22")
 
 
-from tests.models.conftest import one_thread  # noqa: F401,E402  (autouse: tiny models run faster on one thread)
+from tests.weak.models.conftest import one_thread  # noqa: F401,E402  (autouse: tiny models run faster on one thread)
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@
 pipeline with the guider set by hand, and the guider protocol itself.
 
 The HunyuanVideo 1.5 reference is the stock pipeline with a plain guider: a ClassifierFreeGuidance subclass
-whose forward computes STG's f with tests/pipelines/_reference.formula (float64) from a deep copy of the
-transformer perturbed by the plain per-family reference of tests/models, run on the cond batch's inputs.
+whose forward computes STG's f with tests/guidance/_reference.formula (float64) from a deep copy of the
+transformer perturbed by the plain per-family reference of tests/weak/models, run on the cond batch's inputs.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import stg_ext
 from stg_ext.guidance.guider import STGGuidance
 from stg_ext.testing.tiny import CFG_SCALE, tiny_pipeline
 # Modules, not the classes: a Test* class imported here would be collected (and run) again.
-from tests.models import test_hunyuan_video15, test_wan
+from tests.weak.models import test_hunyuan_video15, test_wan
 
 from . import test_guided_sampling as guided
 from ._reference import Guidance, ReferenceSampler, formula
