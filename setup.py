@@ -138,8 +138,12 @@ def _extensions():
             except (Exception, SystemExit) as err:  # distutils reports compile errors as CompileError/SystemExit
                 if _flag("REQUIRE_CUDA"):
                     raise
-                _cuda_unavailable(f"the CUDA build failed ({type(err).__name__}: {str(err)[-2000:]}); the error "
-                                  "is above. Set STG_EXT_REQUIRE_CUDA=1 to make this an error")
+                # Without -v, torch's ninja build puts the compiler output in the exception: name its errors.
+                text = str(err)
+                errors = [ln.strip() for ln in text.splitlines() if " error" in ln or ln.startswith("error")]
+                detail = " | ".join(errors[:6]) if errors else text[-1500:]
+                _cuda_unavailable(f"the CUDA build failed ({type(err).__name__}: {detail}); the full compiler "
+                                  "output is above. Set STG_EXT_REQUIRE_CUDA=1 to make this an error")
             cpu = cpu_extension()
             for key in ("sources", "include_dirs", "library_dirs", "libraries", "runtime_library_dirs",
                         "extra_compile_args", "extra_link_args", "define_macros"):

@@ -61,7 +61,8 @@ def compile_only_parts(py):
            "found_by": tk.how if tk else "-"}
     if tk:
         row["arch_list"] = cuda_toolkit.arch_list(tk.nvcc)[0]
-        row["wheel_headers"] = " ".join(tk.include_dirs) or "none needed"
+        row["wheel_headers"] = " ".join(tk.include_dirs) or "none"
+        row["missing_headers"] = " ".join(tk.missing) or "none"
     section("CUDA toolkit the build would use", [row])
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
