@@ -21,7 +21,8 @@ _UNSET = object()
 
 def apply_stg(target: Any, layer: Any, mode: Any = "attention", *, scale: Any = 1.0, rescale: Any = 0.0,
               start: float = 0.0, stop: float = 1.0, orthogonalize: bool = False, strategy: str = "sequential",
-              cfg_scale: Any = _UNSET, process_group: Any = None, branch_placement: str = "auto"):
+              placement: str = "cond", every: int = 1, cfg_scale: Any = _UNSET, process_group: Any = None,
+              branch_placement: str = "auto"):
     """Turns on STG guidance on `target` in place, removably; returns a handle with `.remove()` (also a context
     manager). Applying again replaces the settings.
 
@@ -39,12 +40,21 @@ def apply_stg(target: Any, layer: Any, mode: Any = "attention", *, scale: Any = 
     from the cond pass's activations there (STG_SPEC section 5); `"batched"` carries the perturbed rows in the
     stock call from that block on; `"naive"` runs a full third pass. The weak model alone: `weak_model`.
 
+    `placement="uncond"`: the cheap variant (WanVideoSLG, SkipLayerGuidanceDiTSimple): the uncond pass runs on the
+    weak model, `f = u_p + g (c - u_p)`, no perturbed pass of its own (needs CFG; `scale` 0 turns it off).
+    `every=k`: within the window the perturbed branch runs on every k-th step; the steps between reuse the last
+    guidance delta `c - p` (STG's analogue of FasterCache's CFG cache).
+
     `process_group=` (a torch.distributed group, every rank running the same pipeline call): each step's branches
     (u, c, the perturbed passes) are spread over the group's ranks and every rank gets the same `f`
     (stg_ext/guidance/parallel.py: the split, `branch_placement=` "auto" | "cond" | "stash" | "full").
     """
+    if process_group is not None and (placement != "cond" or every != 1):
+        raise ValueError("stg_ext.apply_stg: process_group= spreads STG's own branches (placement='cond', every=1); "
+                         f"placement={placement!r}, every={every} have no branch of their own to spread")
     session = _apply(target, layer, mode, scale=scale, rescale=rescale, start=start, stop=stop,
-                     orthogonalize=orthogonalize, strategy=strategy, cfg_scale=cfg_scale)
+                     orthogonalize=orthogonalize, strategy=strategy, placement=placement, every=every,
+                     cfg_scale=cfg_scale)
     try:
         attach_branch_group(session, process_group, branch_placement)  # None: none (also when settings are replaced)
     except Exception:
@@ -54,9 +64,9 @@ def apply_stg(target: Any, layer: Any, mode: Any = "attention", *, scale: Any = 
 
 
 def _apply(target: Any, layer: Any, mode: Any, *, scale: Any, rescale: Any, start: float, stop: float,
-           orthogonalize: bool, strategy: str, cfg_scale: Any):
+           orthogonalize: bool, strategy: str, placement: str, every: int, cfg_scale: Any):
     config = STGConfig(layer, mode, scale=scale, rescale=rescale, start=start, stop=stop,
-                       orthogonalize=orthogonalize, strategy=strategy)
+                       orthogonalize=orthogonalize, strategy=strategy, placement=placement, every=every)
     if is_pipeline(target):
         if cfg_scale is not _UNSET:
             raise TypeError("stg_ext.apply_stg: cfg_scale is read from the pipeline at each call; pass it to pipe(...)")

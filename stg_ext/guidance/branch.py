@@ -202,15 +202,16 @@ class PerturbedBranch:
             raise
 
     @contextmanager
-    def live(self, mode: str, spec: LayerSpec) -> Iterator[None]:
+    def live(self, mode: str, spec: LayerSpec, rows: Optional[slice] = None) -> Iterator[None]:
+        """The perturbation of `mode` at `spec` is live inside (on `rows` of each call only, if given)."""
         states = [self._states[(mode, i)] for i in self._layers[_key(spec)]]
         for state in states:
-            state.active = True
+            state.active, state.rows = True, rows
         try:
             yield
         finally:
             for state in states:
-                state.active = False
+                state.active, state.rows = False, None
 
     def _foreign_block_hooks(self) -> bool:
         """Other hooks on the blocks (diffusers' caches, offloading) may keep per-block state or expect every

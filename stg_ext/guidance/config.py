@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from numbers import Real
 from typing import Any, Optional, Sequence, Tuple, Union
@@ -21,6 +22,10 @@ from ..weak.model import LayerSpec
 
 #: How the perturbed branch is scheduled (STG_SPEC section 5; branch.py).
 STRATEGIES = ("sequential", "batched", "naive")
+#: Where the perturbation goes: "cond" (STG: a perturbed pass on the cond inputs, f = u + g (c - u) + s (c - p)) or
+#: "uncond" (the cheap variant of WanVideoSLG / SkipLayerGuidanceDiTSimple: the uncond pass runs perturbed,
+#: f = u_p + g (c - u_p); no extra pass).
+PLACEMENTS = ("cond", "uncond")
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,7 @@ class StepSettings:
     layer: LayerSpec
     scales: Tuple[float, ...]
     rescale: float
+    fresh: bool = True  # run the perturbed pass (else, with `every` > 1, reuse the last step's c - p)
 
     @property
     def is_noop(self) -> bool:
@@ -55,6 +61,8 @@ class STGConfig:
     stop: float = 1.0
     orthogonalize: bool = False
     strategy: str = "sequential"
+    placement: str = "cond"
+    every: int = 1
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -73,6 +81,19 @@ class STGConfig:
                 raise ValueError(f"stg_ext: {name} must be a fraction of the steps in [0, 1], got {value!r}")
         if self.start > self.stop:
             raise ValueError(f"stg_ext: start ({self.start}) must not be after stop ({self.stop})")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"stg_ext: unknown placement {self.placement!r}; valid: {', '.join(PLACEMENTS)}")
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"stg_ext: every must be an integer >= 1 (the perturbed branch runs on every k-th step "
+                             f"of the window), got {self.every!r}")
+        if self.placement == "uncond":
+            if len(self.modes) != 1:
+                raise ValueError("stg_ext: placement='uncond' perturbs the uncond pass with one mode; got modes "
+                                 f"{self.modes}")
+            if self.rescale != 0.0 or self.every != 1:
+                raise ValueError("stg_ext: placement='uncond' has no combination step of its own (the pipeline's CFG "
+                                 "line combines c with the perturbed u): rescale and every apply to placement='cond' "
+                                 "only")
         if self.orthogonalize and len(self.modes) != 2:
             raise ValueError("stg_ext: orthogonalize=True needs two modes, e.g. mode=('spatial', 'temporal')")
         self._per_step_scale = self._check_scale(self.scale)
@@ -130,7 +151,7 @@ class STGConfig:
     def structure(self) -> Tuple:
         """What the installed hooks depend on (modes, layers, strategy): a config with the same structure can
         replace this one on an installed session without touching the model (so compiled code stays valid)."""
-        return (self.modes, tuple(map(repr, self.all_layers())), self.strategy)
+        return (self.modes, tuple(map(repr, self.all_layers())), self.strategy, self.placement)
 
     @property
     def has_per_step(self) -> bool:
@@ -158,7 +179,8 @@ class STGConfig:
         scale = self.scale[i] if self._per_step_scale else self.scale
         rescale = self.rescale[i] if self._per_step_rescale else self.rescale
         layer = self.layer.values[i] if self._per_step_layer else self.layer
-        return StepSettings(layer, self._scale_item(scale, ""), float(rescale))
+        first = math.ceil(self.start * n_steps)  # the window's first step
+        return StepSettings(layer, self._scale_item(scale, ""), float(rescale), fresh=(i - first) % self.every == 0)
 
     def idle_layer(self, i: int, n_steps: int) -> LayerSpec:
         """The layer spec of step i whether or not STG is active there (its own per-step entry, else the one)."""

@@ -43,6 +43,8 @@ class Call:
     cfg_scale: Any               # None: CFG off
     role: str = "cond"           # separate calls: "cond" or "uncond"
     idle_layer: Any = None       # outside the window: the layer whose stash the stock call still takes
+    placement: str = "cond"      # "uncond": the uncond pass runs perturbed, no perturbed pass of its own
+    run: Any = None              # the sampling run (reused deltas of `every` > 1 belong to one run)
     isolate: Callable[[str], ContextManager] = lambda mode: nullcontext()  # wraps each perturbed pass
 
 
@@ -56,6 +58,39 @@ def perturbed_predictions(call: Call, args: tuple, kwargs: dict) -> List[torch.T
         with call.isolate(mode):
             out.append(prediction(call.branch.run(call.forward, mode, call.settings.layer, args, kwargs)))
     return out
+
+
+class DeltaCache:
+    """`every` > 1: the guidance delta c - p of the last step that ran the perturbed branch, per mode; a step in
+    between uses p = c - delta (so the combination adds s * delta), within the same sampling run."""
+
+    def __init__(self) -> None:
+        self.run: Any = None
+        self.deltas: Optional[List[torch.Tensor]] = None
+
+    def fresh(self, call: Call) -> bool:
+        return call.settings.fresh or self.deltas is None or self.run is not call.run
+
+    def predictions(self, call: Call, c: torch.Tensor, args: tuple, kwargs: dict) -> List[torch.Tensor]:
+        if not self.fresh(call):
+            return [c - d for d in self.deltas]
+        ps = perturbed_predictions(call, args, kwargs)
+        self.run, self.deltas = call.run, [c - p for p in ps]
+        return ps
+
+
+def _branch_context(call: Call, cache: DeltaCache, halve: bool):
+    """Prefix reuse around a step that runs the perturbed branch; the stash alone (same compiled code, no pass)
+    around one that reuses the last delta."""
+    if cache.fresh(call):
+        return call.branch.reuse(call.settings.layer, halve=halve, n_rows=_rows(call))
+    return call.branch.idle(call.settings.layer, halve=halve)
+
+
+def _needs_cfg(call: Call) -> None:
+    if call.cfg_scale is None:
+        raise RuntimeError("stg_ext: placement='uncond' perturbs the uncond pass, and this pipeline runs without CFG "
+                           "(no uncond pass); use placement='cond' (STG's own perturbed pass), or turn CFG on")
 
 
 def _rows(call: Call) -> int:
@@ -79,6 +114,7 @@ class CFGBatchDriver:
         self.last_fold: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (c, c') of the last fold
         self.last_output: Optional[torch.Tensor] = None  # the [u, c'] it was returned in
         self._cfg: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # a cfg tensor and its checked fp32 form
+        self.deltas = DeltaCache()
 
     def _cfg_scale(self, g: Any, like: torch.Tensor) -> Any:
         """A per-element CFG scale (SVD's per-frame tensor, the same for a whole run): checked for zeros and
@@ -98,7 +134,12 @@ class CFGBatchDriver:
         if call.settings is None:
             with call.branch.idle(call.idle_layer, halve=call.cfg_scale is not None):
                 return call.forward(*call.args, **call.kwargs)
-        with call.branch.reuse(call.settings.layer, halve=call.cfg_scale is not None, n_rows=_rows(call)):
+        if call.placement == "uncond":
+            _needs_cfg(call)
+            # [u_p, c]: the uncond rows run perturbed; the pipeline's CFG line then gives u_p + g (c - u_p).
+            with call.branch.live(call.modes[0], call.settings.layer, rows=slice(0, _rows(call) // 2)):
+                return call.forward(*call.args, **call.kwargs)
+        with _branch_context(call, self.deltas, halve=call.cfg_scale is not None):
             return self._guided(call)
 
     def _guided(self, call: Call) -> Any:
@@ -106,7 +147,7 @@ class CFGBatchDriver:
         s = call.settings
         pred = prediction(out)
         if call.cfg_scale is None:
-            ps = perturbed_predictions(call, call.args, call.kwargs)
+            ps = self.deltas.predictions(call, pred, call.args, call.kwargs)
             f = combine(pred, _plist(ps), None, stg_scale=_scale_arg(s.scales), rescale=s.rescale,
                         orthogonalize=call.orthogonalize)
             return with_prediction(out, f)
@@ -116,7 +157,7 @@ class CFGBatchDriver:
                                "expected [uncond, cond]")
         u, c = pred[: batch // 2], pred[batch // 2:]
         args, kwargs = cond_half(self.model, self.adapter, call.args, call.kwargs, batch)
-        ps = perturbed_predictions(call, args, kwargs)
+        ps = self.deltas.predictions(call, c, args, kwargs)
         c_folded = combine(c, _plist(ps), u, cfg_scale=self._cfg_scale(call.cfg_scale, c), cfg_checked=True,
                            stg_scale=_scale_arg(s.scales),
                            rescale=s.rescale, orthogonalize=call.orthogonalize, fold=True)
@@ -131,6 +172,7 @@ class SeparateDriver:
     def __init__(self) -> None:
         self.expect_uncond: Optional[int] = None  # the step whose uncond call is still to come
         self.pending: Optional[dict] = None  # what the cond call left for the uncond call of the same step
+        self.deltas = DeltaCache()
 
     def role(self, context_name: Optional[str], step: int, cfg_on: bool) -> str:
         if context_name in ("cond", "uncond"):
@@ -139,6 +181,14 @@ class SeparateDriver:
         return "uncond" if cfg_on and self.expect_uncond == step else "cond"
 
     def __call__(self, call: Call, step: int) -> Any:
+        if call.settings is not None and call.placement == "uncond":
+            _needs_cfg(call)
+            if call.role == "uncond":  # u_p; the cond call runs stock
+                self.expect_uncond = None
+                with call.branch.live(call.modes[0], call.settings.layer):
+                    return call.forward(*call.args, **call.kwargs)
+            self.expect_uncond = step
+            return call.forward(*call.args, **call.kwargs)
         if call.role == "uncond":
             self.expect_uncond = None
             return self._uncond(call, call.forward(*call.args, **call.kwargs), step)
@@ -149,7 +199,7 @@ class SeparateDriver:
             with call.branch.idle(call.idle_layer, halve=False):
                 out = call.forward(*call.args, **call.kwargs)
         else:
-            with call.branch.reuse(call.settings.layer, halve=False, n_rows=_rows(call)):
+            with _branch_context(call, self.deltas, halve=False):
                 out = self._cond(call, step)
         self.expect_uncond = step if call.cfg_scale is not None else None
         return out
@@ -157,7 +207,7 @@ class SeparateDriver:
     def _cond(self, call: Call, step: int) -> Any:
         out = call.forward(*call.args, **call.kwargs)
         s, c = call.settings, prediction(out)
-        ps = perturbed_predictions(call, call.args, call.kwargs)
+        ps = self.deltas.predictions(call, c, call.args, call.kwargs)
         g = call.cfg_scale
         if g is None:
             f = combine(c, _plist(ps), None, stg_scale=_scale_arg(s.scales), rescale=s.rescale,

@@ -190,7 +190,8 @@ class GuidanceSession(Handle):
             settings = None
         driver = self.driver(hook.denoiser, loop.convention)
         call = Call(forward, args, kwargs, self.branches[hook.denoiser], settings, self.config.modes,
-                    self.config.orthogonalize, loop.cfg_scale, idle_layer=self.config.idle_layer(loop.step, loop.n_steps))
+                    self.config.orthogonalize, loop.cfg_scale, idle_layer=self.config.idle_layer(loop.step, loop.n_steps),
+                    placement=self.config.placement, run=loop.run)
         context = hook.context._context
         call.isolate = _own_cache_context(module, context)
         if loop.convention == "cfg_batch":

@@ -131,11 +131,16 @@ class IdentityAttentionHook(ModelHook):
 
 def split_call(module: nn.Module, shared: Tuple[str, ...], args: tuple, kwargs: dict, rows: slice,
                stock, perturbed) -> Any:
-    """A call on a joined batch: the rows before `rows` run `stock`, `rows` run `perturbed`; the outputs are
-    joined again in the module's own return structure."""
+    """A call on a batch of which `rows` (the leading or the trailing rows) run `perturbed` and the others `stock`;
+    the outputs are joined again in the module's own return structure."""
     n = argument(module, args, kwargs, "hidden_states").shape[0]
-    head = take_rows(module, shared, args, kwargs, n, slice(0, rows.start))
-    tail = take_rows(module, shared, args, kwargs, n, rows)
+    start, stop = rows.start or 0, n if rows.stop is None else rows.stop
+    if start == 0:  # placement="uncond": the uncond rows lead
+        lead = take_rows(module, shared, args, kwargs, n, slice(0, stop))
+        rest = take_rows(module, shared, args, kwargs, n, slice(stop, n))
+        return cat_rows(perturbed(*lead), stock(*rest[0], **rest[1]))
+    head = take_rows(module, shared, args, kwargs, n, slice(0, start))
+    tail = take_rows(module, shared, args, kwargs, n, slice(start, stop))
     return cat_rows(stock(*head[0], **head[1]), perturbed(*tail))
 
 
