@@ -18,10 +18,17 @@ TorchDispatchMode tracks them; weights and inputs are not counted).
 
     python benchmarks/bench_step_cost.py --out bench_out --memory   # table, CSV and PNG
     python benchmarks/bench_step_cost.py --quick                    # 1 repeat, 1 latent frame
+    python benchmarks/bench_step_cost.py --compile whole            # the denoiser compiled (inductor): model.compile()
+    python benchmarks/bench_step_cost.py --compile regional         # compile_repeated_blocks (each block elsewhere)
+
+With --compile, every part gets its own copy of the model, compiled before STG is applied to it (a session then
+runs around the compiled code); the first call of each part is its warm-up and is reported as compile time
+(`*_compile_s`: stock's and STG's first call, seconds). diffusers' layer skip is not timed compiled.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import time
@@ -220,6 +227,66 @@ def peak_mib(fn: Callable[[], object]) -> float:
     return mode.peak / 2 ** 20
 
 
+def compile_model(model: torch.nn.Module, how: str) -> None:
+    """`how`: "whole" (model.compile()) or "regional" (diffusers' compile_repeated_blocks where the family defines
+    its repeated blocks, else each block of its block lists)."""
+    if how == "whole":
+        model.compile()
+    elif getattr(model, "_repeated_blocks", None):
+        model.compile_repeated_blocks()
+    else:
+        for name in ("transformer_blocks", "single_transformer_blocks", "blocks"):
+            for block in getattr(model, name, []):
+                block.compile()
+
+
+def run_compiled(names: List[str], repeats: int, frames: int, how: str) -> List[dict]:
+    """As `run`, with each part on its own compiled copy of the model, set up once (no reinstallation between
+    rounds: a compiled model keeps its code)."""
+    rows = []
+    for name in names:
+        g = GEOMETRIES[name]
+        torch.manual_seed(0)
+        base = g.build().eval()
+        for mode in MODES:
+            torch._dynamo.reset()
+            fns, first = {}, {}
+            for part in PARTS[:-1]:  # diffusers' layer skip is not part of the compiled comparison
+                model = copy.deepcopy(base)
+                compile_model(model, how)
+                fns[part] = part_fn(part, g, mode, model, frames)
+                start = time.perf_counter()
+                fns[part]()
+                first[part] = time.perf_counter() - start
+            samples: Dict[str, List[float]] = {part: [] for part in fns}
+            for round_ in range(repeats + 1):
+                for part, fn in fns.items():
+                    start = time.perf_counter()
+                    fn()
+                    if round_:
+                        samples[part].append(time.perf_counter() - start)
+            for fn in fns.values():
+                fn.cleanup()
+            t = {part: statistics.median(v) for part, v in samples.items()}
+            steps = step_times(g, mode, t)
+            row = dict(model=name, mode=mode, compile=how, convention=g.convention, layers=g.n_layers, layer=g.layer,
+                       frames=frames, cfg_ms=round(steps["cfg"] * 1e3, 1))
+            for variant in ("sequential", "naive"):
+                row[f"{variant}_ms"] = round(steps[variant] * 1e3, 1)
+                row[f"{variant}_ratio"] = round(steps[variant] / steps["cfg"], 3)
+            row["diffusers_ratio"] = None
+            row["floor_ratio"] = round(steps["floor"] / steps["cfg"], 3)
+            row["sequential_vs_floor"] = round(steps["sequential"] / steps["floor"], 3)
+            stock_part = "cfg_batched" if g.convention == "batched" else "pass1"
+            stg_part = "sequential_batched" if g.convention == "batched" else "sequential_cond"
+            row["stock_compile_s"] = round(first[stock_part], 1)
+            row["stg_compile_s"] = round(first[stg_part], 1)
+            rows.append(row)
+            print(_line(row) + f"  first call: stock {row['stock_compile_s']} s, STG {row['stg_compile_s']} s",
+                  flush=True)
+    return rows
+
+
 def run(names: List[str], repeats: int, frames: int, memory: bool) -> List[dict]:
     """Times every part of a (model, mode) in rounds, one call of each part per round (a load change on a shared
     machine then hits all parts alike), and takes the median over the rounds after the first (warm-up)."""
@@ -316,12 +383,20 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     parser.add_argument("--frames", type=int, default=4, help="latent frames (each 16x16 tokens after patching)")
     parser.add_argument("--memory", action="store_true", help="also measure the peak transient tensor memory")
     parser.add_argument("--quick", action="store_true", help="1 repeat, 1 latent frame")
+    parser.add_argument("--compile", default="none", choices=("none", "whole", "regional"),
+                        help="time the denoiser compiled with inductor: whole (model.compile()) or regional")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.frames = 1, 1
-    rows = run(args.models, args.repeats, args.frames, args.memory)
-    write_csv(rows, args.out, "step_cost.csv")
-    plot(rows, args.out)
+    if args.compile == "none":
+        rows = run(args.models, args.repeats, args.frames, args.memory)
+        name = "step_cost"
+    else:
+        rows = run_compiled(args.models, args.repeats, args.frames, args.compile)
+        name = f"step_cost_{args.compile}"
+    write_csv(rows, args.out, f"{name}.csv")
+    if args.compile == "none":
+        plot(rows, args.out)
     return rows
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from stg_ext.cli import main
-from stg_ext.cli import metrics
+from stg_ext import video_metrics as metrics
 from stg_ext.cli.commands import bench as bench_cmd
 from stg_ext.cli.commands.sweep import average_ranks, parse_layers, summarize
 from stg_ext.cli.errors import CLIError, UsageError

@@ -16,13 +16,19 @@ num_inference_steps); command-line options override them. diffusers ignores the 
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 import torch
+from diffusers import DiffusionPipeline
 
+from ..guidance import specs
+from ..testing.tiny import FAMILIES, tiny_pipeline
+from ..weak.adapters import get_adapter
+from ..world import model_path
 from .errors import CLIError, UsageError, one_line
 
 logger = logging.getLogger("stg_ext.cli")
@@ -79,7 +85,6 @@ class Model:
 
     def denoisers(self) -> Dict[str, torch.nn.Module]:
         """The pipeline's denoiser modules STG patches, by attribute name."""
-        from ..guidance import specs
 
         try:
             names = specs.get_spec(self.pipe).denoisers
@@ -92,7 +97,6 @@ class Model:
 
     def num_layers(self) -> int:
         """STG layers of the (first) denoiser, as stg_ext addresses them."""
-        from ..weak.adapters import get_adapter
 
         model = next(iter(self.denoisers().values()))
         try:
@@ -101,8 +105,6 @@ class Model:
             raise CLIError(one_line(e)) from None
 
     def convention(self) -> str:
-        from ..guidance import specs
-
         return specs.get_spec(self.pipe).convention
 
     # --- one call ---------------------------------------------------------------------------------------
@@ -211,8 +213,6 @@ def load_model(spec: str, options: Optional[LoadOptions] = None) -> Model:
 
 
 def _load_tiny(spec: str) -> Model:
-    from ..testing.tiny import FAMILIES, tiny_pipeline
-
     family = spec[len(TINY_PREFIX):]
     if family not in FAMILIES:
         raise UsageError(f"unknown tiny model {spec!r}; tiny models: {', '.join(TINY_PREFIX + f for f in FAMILIES)}")
@@ -227,8 +227,6 @@ def _load_tiny(spec: str) -> Model:
 
 
 def world_path() -> str:
-    from ..world import model_path
-
     path = model_path()
     if not (path / "model_index.json").exists():
         raise CLIError(f"the world model is missing from this installation (no {path / 'model_index.json'}); "
@@ -238,7 +236,6 @@ def world_path() -> str:
 
 def read_card(spec: str) -> Dict[str, Any]:
     """The folder's stg_ext.json ({} for hub ids and folders without one)."""
-    import json
 
     path = os.path.join(os.path.expanduser(spec), CARD)
     if not os.path.isfile(path):
@@ -259,7 +256,6 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def _from_pretrained(spec: str, dtype: torch.dtype) -> Any:
-    from diffusers import DiffusionPipeline
     from huggingface_hub import constants
 
     path = os.path.expanduser(spec)

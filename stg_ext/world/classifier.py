@@ -8,6 +8,7 @@ seeds disjoint from the reference clips the evaluation compares against (`REFERE
 """
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from .render import render
-from .scene import COLORS, MOTIONS, SHAPES, SIZES, PromptSpec, spec_for_prompt, valid_combos
+from .scene import BACKGROUNDS, COLORS, MOTIONS, SHAPES, SIZES, PromptSpec, spec_for_prompt, valid_combos
 
 HEADS: Dict[str, tuple] = {"shape": SHAPES, "color": tuple(COLORS), "size": tuple(SIZES), "motion": MOTIONS}
 FEATURES = 32
@@ -49,7 +50,6 @@ class WorldClassifier(nn.Module):
 def real_prompt(rng: np.random.Generator) -> PromptSpec:
     combos = valid_combos()
     s, c, m = combos[int(rng.integers(len(combos)))]
-    from .scene import BACKGROUNDS
 
     return PromptSpec(((s, c, list(SIZES)[int(rng.integers(len(SIZES)))], m),),
                       BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))])
@@ -112,7 +112,6 @@ CLASSIFIER_PATH = Path(__file__).resolve().parent / "classifier.pt"
 
 def main(argv=None) -> int:
     """python -m stg_ext.world.classifier [--steps N] [--out PATH]: train the classifier and save it."""
-    import argparse
 
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--steps", type=int, default=800)

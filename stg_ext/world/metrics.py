@@ -14,7 +14,7 @@ Every function takes frames as (T, H, W, 3) uint8 (what a pipeline's output beco
   MISSING_MOTION_ERROR (the whole travel of a moving prompt).
 - jerk: the mean magnitude of the centroid's second difference (pixels / frame^2) minus the prompted path's
   own (bounce has corners): how unsteadily the object moves. 0 for a clip that follows a smooth path exactly.
-- temporal_flicker, sharpness: stg_ext.cli.metrics (VBench's temporal flickering; Laplacian variance).
+- temporal_flicker, sharpness: stg_ext.video_metrics (VBench's temporal flickering; Laplacian variance).
 - frechet_distance: between two feature sets (the classifier's), with means and covariances.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ import numpy as np
 
 from .render import BACKGROUND_LEVELS, FRAMES, SIZE, shape_mask, trajectory
 from .scene import TRAVEL, ObjectSpec, PromptSpec
+from .. import video_metrics
 
 FOREGROUND_DISTANCE = 0.2
 MISSING_MOTION_ERROR = TRAVEL * SIZE
@@ -107,8 +108,6 @@ def jerk(masks: np.ndarray, prompt: PromptSpec) -> float:
 
 
 def clip_metrics(frames: np.ndarray, prompt: PromptSpec) -> Dict[str, float]:
-    from ..cli import metrics as video_metrics
-
     masks = segment(frames, prompt.background)
     return dict(object_iou=object_iou(masks, prompt), trajectory_error=trajectory_error(masks, prompt),
                 jerk=jerk(masks, prompt), detected=float(masks.any(axis=(1, 2)).mean()),

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Dict, List
 
 import torch
+from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
 from .render import FRAMES, SIZE
 from .scene import BACKGROUNDS, COLORS, MOTION_WORDS, SHAPES, SIZES
@@ -60,7 +61,6 @@ def _seeded(seed: int, build):
 
 def build_parts(seed: int) -> Dict[str, Any]:
     """Every part at its seeded initialisation: a part's weights depend only on `seed` and its role."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
     tok = tokenizer()
@@ -76,7 +76,5 @@ def build_parts(seed: int) -> Dict[str, Any]:
 
 
 def assemble(parts: Dict[str, Any]):
-    from diffusers import WanPipeline
-
     return WanPipeline(tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"], vae=parts["vae"],
                        transformer=parts["transformer"], scheduler=parts["scheduler"])

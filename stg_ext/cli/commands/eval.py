@@ -16,12 +16,17 @@ import numpy as np
 import torch
 
 import stg_ext
+from ...world import classifier as world_classifier
+from ...world import render as render_clip, single_object_prompts, spec_for_prompt
+from ...world.classifier import HEADS, REFERENCE_SEED_BASE
+from ...world.metrics import bootstrap_ci, clip_metrics, frechet_distance
 from .. import options
 from ..errors import CLIError, UsageError, one_line
 from ..loading import Model, load_model
 from ..progress import progress_bar
 from ..render import render
 from ..video import ensure_writable_dir
+from . import sweep
 
 logger = logging.getLogger("stg_ext.cli")
 
@@ -125,7 +130,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def eval_prompts(n: int, split: str = "eval", seed: int = 0):
     """n one-object prompts of a split, in a fixed order drawn from `seed`."""
-    from ...world import single_object_prompts
 
     pool = single_object_prompts(split)
     if n > len(pool):
@@ -140,8 +144,6 @@ def eval_prompts(n: int, split: str = "eval", seed: int = 0):
 
 def sweep_layer(args: argparse.Namespace, mode: str, out: Path, steps: int) -> int:
     """Runs `stg-ext sweep` over every layer on the sweep split's prompts and returns its best layer."""
-    from ..main import main as cli_main
-
     folder = out / f"sweep_{mode}"
     prompt_file = out / "sweep_prompts.txt"
     prompt_file.write_text("\n".join(p.prompt for p in eval_prompts(args.sweep_prompts, "sweep")) + "\n")
@@ -152,8 +154,10 @@ def sweep_layer(args: argparse.Namespace, mode: str, out: Path, steps: int) -> i
         argv += ["--threads", str(args.threads)]
     if args.quiet:
         argv.append("--quiet")
-    code = cli_main(argv)
-    if code != 0:
+    parser = argparse.ArgumentParser(prog="stg-ext")
+    sweep.add_parser(parser.add_subparsers(dest="command"))
+    sweep_args = parser.parse_args(argv)
+    if int(sweep_args.run(sweep_args) or 0) != 0:
         raise CLIError(f"the layer sweep ({mode}) failed")
     with open(folder / "sweep.csv") as fh:
         rows = list(csv.DictReader(line for line in fh if not line.startswith("#")))
@@ -225,8 +229,6 @@ def sample_method(model: Model, method: Method, prompts, seeds, steps: int, laye
 
 @torch.no_grad()
 def classify(classifier, frames: Sequence[np.ndarray]) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
-    from ...world.classifier import HEADS
-
     x = torch.stack([torch.from_numpy(f).float().div(255).permute(3, 0, 1, 2) for f in frames])
     preds: Dict[str, List[np.ndarray]] = {k: [] for k in HEADS}
     feats = []
@@ -241,8 +243,6 @@ def classify(classifier, frames: Sequence[np.ndarray]) -> Tuple[Dict[str, np.nda
 
 def score(frames: Sequence[np.ndarray], prompt_list, classifier) -> Tuple[List[dict], np.ndarray]:
     """Per-video metric rows and the classifier features of every video."""
-    from ...world.classifier import HEADS
-    from ...world.metrics import clip_metrics
 
     preds, feats = classify(classifier, frames)
     rows = []
@@ -256,8 +256,6 @@ def score(frames: Sequence[np.ndarray], prompt_list, classifier) -> Tuple[List[d
 
 
 def summarize_rows(rows: List[dict], feats: np.ndarray, reference: np.ndarray, n_boot: int) -> dict:
-    from ...world.metrics import bootstrap_ci, frechet_distance
-
     out = {}
     for m in METRICS:
         v = np.array([r[m] for r in rows], dtype=np.float64)
@@ -271,8 +269,6 @@ def summarize_rows(rows: List[dict], feats: np.ndarray, reference: np.ndarray, n
 
 
 def real_frames(prompts, seeds, seed_base: int) -> List[np.ndarray]:
-    from ...world import render as render_clip, spec_for_prompt
-
     out = []
     for p_index, prompt in enumerate(prompts):
         for seed in seeds:
@@ -310,9 +306,6 @@ def pick_methods(text: str) -> List[Method]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ...world import classifier as world_classifier
-    from ...world.classifier import REFERENCE_SEED_BASE
-
     methods = pick_methods(args.methods)
     out = ensure_writable_dir(args.out)
     model = load_model(args.model, options.load_options(args))

@@ -13,7 +13,7 @@ from .. import options
 from ..distributed_jobs import JobGroup
 from ..errors import CLIError, UsageError
 from ..loading import Model, load_model
-from ..metrics import flow_method, video_metrics
+from ...video_metrics import flow_method, video_metrics
 from ..progress import progress_bar
 from ..prompts import builtin_help, load_prompts
 from ..render import STGSettings, check_stg, render
@@ -30,7 +30,7 @@ RULE = ("best layer = the lowest mean rank over four criteria, each ranked acros
 HELP = "the paper's layer selection (A3): score every candidate layer with model-free video statistics"
 DESCRIPTION = f"""\
 Renders every candidate layer (--layers) with STG on a fixed prompt list and seeds, plus plain CFG on the
-same prompts and seeds, and scores each video with model-free statistics (stg_ext/cli/metrics.py):
+same prompts and seeds, and scores each video with model-free statistics (stg_ext/video_metrics.py):
 
   temporal_flicker  VBench's temporal flickering score: (255 - mean |frame[i+1] - frame[i]|) / 255
   dynamic_degree    VBench's dynamic degree: the share of videos whose optical flow (OpenCV Farneback; a
