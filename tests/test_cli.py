@@ -70,7 +70,7 @@ def assert_one_line_error(code, err, expected_code, *fragments):
 # --help
 # --------------------------------------------------------------------------------------------------
 
-COMMANDS = ("demo", "generate", "sweep", "weak", "bench")
+COMMANDS = ("demo", "generate", "sweep", "weak", "bench", "eval")
 
 
 def test_help_documents_every_option(capsys):

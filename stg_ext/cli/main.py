@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 import warnings
 from contextlib import contextmanager
 from typing import Iterator, List, Optional
 
-import diffusers.utils.logging as dlog
-import torch
+# The command line prints its own one-line errors: transformers' import-time notices (e.g. about torchvision, pulled
+# in by the pipelines' image processors) are silenced unless the user asked for a verbosity (`--verbose` raises
+# every library's log level again at run time).
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import diffusers.utils.logging as dlog  # noqa: E402  (after the verbosity above)
+import torch  # noqa: E402
 
 from .. import __version__
 from .commands import bench, demo, generate, sweep, weak
