@@ -58,13 +58,16 @@ def _graphs():
     return counters["stats"]["unique_graphs"]
 
 
+@pytest.mark.parametrize("mode", ["attention", "residual"])
 @pytest.mark.parametrize("how", ["whole", "regional"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_compiled_stg_breaks_nothing_and_does_not_recompile(family, how):
-    torch._dynamo.config.recompile_limit = 8  # the default: regional compilation must not approach it
+def test_compiled_stg_breaks_nothing_and_does_not_recompile(family, how, mode):
+    # One STG installation per compiled model (a fresh dynamo cache): another installation (other hooks) compiles
+    # its own variants, which a regionally compiled model would add to the same blocks' cache.
+    torch._dynamo.config.recompile_limit = 8  # the default: regional compilation must stay below it
     eager_tp = tiny_pipeline(family, vae=False)
     want = {}
-    for mode in ("attention", "residual"):
+    for mode in (mode,):
         with stg_ext.apply_stg(eager_tp.pipe, 1, mode):
             want[mode] = _run(eager_tp, 3)
         for steps, settings in LATER:
@@ -76,7 +79,7 @@ def test_compiled_stg_breaks_nothing_and_does_not_recompile(family, how):
     _run(tp, 3)
     _run(tp, 4)
     stock_breaks = set(_breaks())
-    for mode in ("attention", "residual"):
+    for mode in (mode,):
         stg_ext.apply_stg(tp.pipe, 1, mode)
         got = _run(tp, 3)
         torch.testing.assert_close(got, want[mode], atol=TOL * want[mode].abs().max().item(), rtol=0)
