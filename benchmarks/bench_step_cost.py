@@ -227,6 +227,20 @@ def peak_mib(fn: Callable[[], object]) -> float:
     return mode.peak / 2 ** 20
 
 
+def _row(name: str, g: Geometry, mode: str, frames: int, steps: Dict[str, Optional[float]]) -> dict:
+    """One table row: each variant's step time and its ratio to the CFG step, and the floor."""
+    row = dict(model=name, mode=mode, convention=g.convention, layers=g.n_layers, layer=g.layer, frames=frames,
+               cfg_ms=round(steps["cfg"] * 1e3, 1))
+    for variant in VARIANTS[1:]:
+        v = steps[variant]
+        row[f"{variant}_ms"] = None if v is None else round(v * 1e3, 1)
+        row[f"{variant}_ratio"] = None if v is None else round(v / steps["cfg"], 3)
+    row["floor_ratio"] = round(steps["floor"] / steps["cfg"], 3)
+    row["pass_floor_ratio"] = round(1 + computed_fraction(g, mode) / 2, 3)
+    row["sequential_vs_floor"] = round(steps["sequential"] / steps["floor"], 3)
+    return row
+
+
 def compile_model(model: torch.nn.Module, how: str) -> None:
     """`how`: "whole" (model.compile()) or "regional" (diffusers' compile_repeated_blocks where the family defines
     its repeated blocks, else each block of its block lists)."""
@@ -268,15 +282,7 @@ def run_compiled(names: List[str], repeats: int, frames: int, how: str) -> List[
             for fn in fns.values():
                 fn.cleanup()
             t = {part: statistics.median(v) for part, v in samples.items()}
-            steps = step_times(g, mode, t)
-            row = dict(model=name, mode=mode, compile=how, convention=g.convention, layers=g.n_layers, layer=g.layer,
-                       frames=frames, cfg_ms=round(steps["cfg"] * 1e3, 1))
-            for variant in ("sequential", "naive"):
-                row[f"{variant}_ms"] = round(steps[variant] * 1e3, 1)
-                row[f"{variant}_ratio"] = round(steps[variant] / steps["cfg"], 3)
-            row["diffusers_ratio"] = None
-            row["floor_ratio"] = round(steps["floor"] / steps["cfg"], 3)
-            row["sequential_vs_floor"] = round(steps["sequential"] / steps["floor"], 3)
+            row = dict(_row(name, g, mode, frames, step_times(g, mode, t)), compile=how)
             stock_part = "cfg_batched" if g.convention == "batched" else "pass1"
             stg_part = "sequential_batched" if g.convention == "batched" else "sequential_cond"
             row["stock_compile_s"] = round(first[stock_part], 1)
@@ -317,16 +323,7 @@ def run(names: List[str], repeats: int, frames: int, memory: bool) -> List[dict]
                         if fn is not None:
                             fn.cleanup()
             t = {part: statistics.median(v) for part, v in samples.items()}
-            steps = step_times(g, mode, t)
-            row = dict(model=name, mode=mode, convention=g.convention, layers=g.n_layers, layer=g.layer,
-                       frames=frames, cfg_ms=round(steps["cfg"] * 1e3, 1))
-            for variant in VARIANTS[1:]:
-                v = steps[variant]
-                row[f"{variant}_ms"] = None if v is None else round(v * 1e3, 1)
-                row[f"{variant}_ratio"] = None if v is None else round(v / steps["cfg"], 3)
-            row["floor_ratio"] = round(steps["floor"] / steps["cfg"], 3)
-            row["pass_floor_ratio"] = round(1 + computed_fraction(g, mode) / 2, 3)
-            row["sequential_vs_floor"] = round(steps["sequential"] / steps["floor"], 3)
+            row = _row(name, g, mode, frames, step_times(g, mode, t))
             if memory:
                 # Transient tensor memory of one call (MiB): CFG's call, and the STG call (stock pass + perturbed
                 # branch + combine) of each strategy, in the family's convention.
