@@ -27,7 +27,6 @@ from typing import Any, Callable, Dict, List, Optional
 import diffusers
 from torch import nn
 
-SIGNALS = ("scheduler", "progress")
 _ABSENT = object()
 _RUN_SERIAL = itertools.count(1)
 
@@ -178,7 +177,7 @@ class LoopTracker:
     def _on_set_timesteps(self, original: Callable, *args, **kwargs):
         out = original(*args, **kwargs)
         frame = innermost_pipeline_frame(sys._getframe(1))
-        if frame is None or _frame_pipeline(frame) is not self.pipe:
+        if not self._ours(frame):
             # Called outside our pipeline's methods (a custom loop, or another pipeline sharing the scheduler).
             if frame is None:
                 self.run = None
