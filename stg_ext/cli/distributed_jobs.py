@@ -52,6 +52,14 @@ class JobGroup:
         merged = [item for part in parts for item in part]
         return [row for _, row in sorted(merged, key=lambda x: x[0])]
 
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's `value`, on every rank."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def close(self) -> None:
         if self.owned and dist.is_initialized():
             dist.barrier()

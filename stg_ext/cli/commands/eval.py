@@ -21,6 +21,7 @@ from ...world import render as render_clip, single_object_prompts, spec_for_prom
 from ...world.classifier import HEADS, REFERENCE_SEED_BASE
 from ...world.metrics import bootstrap_ci, clip_metrics, frechet_distance
 from .. import options
+from ..distributed_jobs import JobGroup
 from ..errors import CLIError, UsageError, one_line
 from ..loading import Model, load_model
 from ..progress import progress_bar
@@ -142,14 +143,14 @@ def eval_prompts(n: int, split: str = "eval", seed: int = 0):
 # Layers from the sweep
 # --------------------------------------------------------------------------------------------------
 
-def sweep_layer(args: argparse.Namespace, mode: str, out: Path, steps: int) -> int:
-    """Runs `stg-ext sweep` over every layer on the sweep split's prompts and returns its best layer."""
+def sweep_layer(args: argparse.Namespace, mode: str, out: Path, steps: int, group: JobGroup) -> int:
+    """Runs `stg-ext sweep` over every layer on the sweep split's prompts and returns its best layer (under
+    torchrun every rank takes part in the sweep, rank 0 reads its pick and tells the others)."""
     folder = out / f"sweep_{mode}"
-    prompt_file = out / "sweep_prompts.txt"
-    prompt_file.write_text("\n".join(p.prompt for p in eval_prompts(args.sweep_prompts, "sweep")) + "\n")
     argv = ["sweep", args.model, "--layers", "all", "--mode", mode, "--scale", str(args.scale),
-            "--prompts", str(prompt_file), "--num-prompts", str(args.sweep_prompts), "--seeds", "0",
-            "--steps", str(steps), "--out", str(folder)]
+            "--seeds", "0", "--steps", str(steps), "--out", str(folder)]
+    for p in eval_prompts(args.sweep_prompts, "sweep"):
+        argv += ["--prompt", p.prompt]
     if args.threads:
         argv += ["--threads", str(args.threads)]
     if args.quiet:
@@ -159,12 +160,14 @@ def sweep_layer(args: argparse.Namespace, mode: str, out: Path, steps: int) -> i
     sweep_args = parser.parse_args(argv)
     if int(sweep_args.run(sweep_args) or 0) != 0:
         raise CLIError(f"the layer sweep ({mode}) failed")
-    with open(folder / "sweep.csv") as fh:
-        rows = list(csv.DictReader(line for line in fh if not line.startswith("#")))
-    best = [r["layer"] for r in rows if r.get("best") == "1"]
-    if len(best) != 1:
-        raise CLIError(f"cannot read the best layer from {folder / 'sweep.csv'}")
-    return int(best[0])
+    best = None
+    if group.is_main:
+        with open(folder / "sweep.csv") as fh:
+            rows = list(csv.DictReader(line for line in fh if not line.startswith("#")))
+        best = [r["layer"] for r in rows if r.get("best") == "1"]
+        if len(best) != 1:
+            raise CLIError(f"cannot read the best layer from {folder / 'sweep.csv'}")
+    return int(group.broadcast(best[0] if best else None))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,24 +206,42 @@ def block_counter(model: Model) -> Iterator[List[int]]:
             h.remove()
 
 
-def sample_method(model: Model, method: Method, prompts, seeds, steps: int, layers, scale: float,
-                  bar) -> Tuple[List[np.ndarray], Dict[str, float]]:
-    cfg_scale = model.card.get("call", {}).get("guidance_scale", 5.0) if method.cfg else 1.0
-    frames, seconds, denoiser, blocks = [], 0.0, 0.0, 0
-    with applied(model, method, layers, scale), block_counter(model) as count:
-        for prompt in prompts:
-            for seed in seeds:
-                kw = model.call_kwargs(prompt=prompt.prompt, seed=seed, steps=steps, guidance_scale=cfg_scale,
-                                       negative_prompt="")
-                r = render(model, kw, progress=False)
-                frames.append(r.frames)
-                seconds += r.seconds
-                denoiser += r.denoiser_seconds
-                bar.update()
-        blocks = count[0]
-    n = len(frames)
-    return frames, dict(videos=n, seconds_per_video=seconds / n, denoiser_seconds_per_video=denoiser / n,
-                        passes_per_step=blocks / (n * steps * model.num_layers()))
+def sample_jobs(model: Model, methods: Sequence[Method], jobs: Sequence[Tuple[int, Tuple[int, Any, int]]],
+                steps: int, layers, scale: float, bar) -> Tuple[List[Tuple[int, dict]], Dict[int, str]]:
+    """Renders the given (job index, (method index, prompt, seed)) jobs, each method's under one installation of
+    it. Returns per job its frames, seconds and computed blocks, and the methods that failed (index -> reason)."""
+    done: List[Tuple[int, dict]] = []
+    failed: Dict[int, str] = {}
+    by_method: Dict[int, List[Tuple[int, Any, int]]] = {}
+    for index, (m_index, prompt, seed) in jobs:
+        by_method.setdefault(m_index, []).append((index, prompt, seed))
+    for m_index, group in by_method.items():
+        method = methods[m_index]
+        cfg_scale = model.card.get("call", {}).get("guidance_scale", 5.0) if method.cfg else 1.0
+        bar.set_postfix_str(method.name)
+        try:
+            with applied(model, method, layers, scale), block_counter(model) as count:
+                for index, prompt, seed in group:
+                    before = count[0]
+                    kw = model.call_kwargs(prompt=prompt.prompt, seed=seed, steps=steps, guidance_scale=cfg_scale,
+                                           negative_prompt="")
+                    r = render(model, kw, progress=False)
+                    done.append((index, dict(frames=r.frames, seconds=r.seconds, denoiser_seconds=r.denoiser_seconds,
+                                             blocks=count[0] - before)))
+                    bar.update()
+        except (TypeError, ValueError, NotImplementedError, CLIError) as e:
+            # One method that stg_ext refuses (or cannot yet run) does not sink the others: it is listed.
+            failed[m_index] = f"failed: {one_line(e)[:200]}"
+            logger.warning("%s failed: %s", method.name, one_line(e))
+    return done, failed
+
+
+def method_cost(jobs: Sequence[dict], steps: int, num_layers: int) -> Dict[str, float]:
+    """Cost columns of one method from its videos' records."""
+    n = len(jobs)
+    return dict(videos=n, seconds_per_video=sum(j["seconds"] for j in jobs) / n,
+                denoiser_seconds_per_video=sum(j["denoiser_seconds"] for j in jobs) / n,
+                passes_per_step=sum(j["blocks"] for j in jobs) / (n * steps * num_layers))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,6 +327,11 @@ def pick_methods(text: str) -> List[Method]:
 
 
 def run(args: argparse.Namespace) -> int:
+    with JobGroup() as group:
+        return evaluate(args, group)
+
+
+def evaluate(args: argparse.Namespace, group: JobGroup) -> int:
     methods = pick_methods(args.methods)
     out = ensure_writable_dir(args.out)
     model = load_model(args.model, options.load_options(args))
@@ -321,37 +347,45 @@ def run(args: argparse.Namespace) -> int:
     layers: Dict[str, int] = {}
     for mode, given in (("attention", args.layer_a), ("residual", args.layer_r)):
         if any(m.mode == mode and m.missing() is None for m in methods):
-            layers[mode] = given if given is not None else sweep_layer(args, mode, out, steps)
+            layers[mode] = given if given is not None else sweep_layer(args, mode, out, steps, group)
     prompts = eval_prompts(args.prompts)
     prompt_list = [p for p in prompts for _ in args.seeds]
-    reference = classify(classifier, real_frames(prompts, args.seeds, REFERENCE_SEED_BASE))[1]
+    runnable = [m for m in methods if m.missing() is None]
+    for m in methods:
+        if m.missing() is not None:
+            logger.info("not run: %s (%s)", m.name, m.missing())
+    seeds_list = [s for _ in prompts for s in args.seeds]
+    jobs = [(m_index, p, s) for m_index in range(len(runnable)) for p, s in zip(prompt_list, seeds_list)]
+    # Under torchrun the (method, prompt, seed) renders are split over the processes (distributed_jobs.py); rank 0
+    # gathers the frames and scores them exactly as one process would.
+    mine = group.mine(jobs)
+    with progress_bar(total=len(mine), desc="eval", disable=args.quiet, unit="video") as bar:
+        done, failed_here = sample_jobs(model, runnable, mine, steps, layers, args.scale, bar)
+    by_index = dict(group.gather((i, (i, record)) for i, record in done))
+    failed_methods = dict(group.gather((m_index, (m_index, why)) for m_index, why in failed_here.items()))
+    if not group.is_main:
+        return 0
 
+    reference = classify(classifier, real_frames(prompts, args.seeds, REFERENCE_SEED_BASE))[1]
     table, video_rows = [], []
     real = real_frames(prompts, args.seeds, REFERENCE_SEED_BASE + 100_000)  # another draw of the same prompts
     rows, feats = score(real, prompt_list, classifier)
     table.append(dict(method="real", layer="", **summarize_rows(rows, feats, reference, args.bootstrap)))
     rows, feats = score(vae_round_trip(model, real), prompt_list, classifier)
     table.append(dict(method="real via the VAE", layer="", **summarize_rows(rows, feats, reference, args.bootstrap)))
-    runnable = [m for m in methods if m.missing() is None]
     failed: List[dict] = []
-    for m in methods:
-        if m.missing() is not None:
-            logger.info("not run: %s (%s)", m.name, m.missing())
-    with progress_bar(total=len(runnable) * len(prompt_list), desc="eval", disable=args.quiet, unit="video") as bar:
-        for m in runnable:
-            bar.set_postfix_str(m.name)
-            try:
-                frames, cost = sample_method(model, m, prompts, args.seeds, steps, layers, args.scale, bar)
-            except (TypeError, ValueError, NotImplementedError, CLIError) as e:
-                # One method that stg_ext refuses (or cannot yet run) does not sink the others: it is listed.
-                failed.append(dict(method=m.name, reason=f"failed: {one_line(e)[:200]}"))
-                logger.warning("%s failed: %s", m.name, one_line(e))
-                continue
-            rows, feats = score(frames, prompt_list, classifier)
-            for r, p, s in zip(rows, prompt_list, [s for _ in prompts for s in args.seeds]):
-                video_rows.append(dict(method=m.name, prompt=p.prompt, seed=s, **r))
-            table.append(dict(method=m.name, layer=layers.get(m.mode, "") if m.mode else "", **cost,
-                              **summarize_rows(rows, feats, reference, args.bootstrap)))
+    for m_index, m in enumerate(runnable):
+        if m_index in failed_methods:
+            failed.append(dict(method=m.name, reason=failed_methods[m_index]))
+            continue
+        own = [by_index[i] for i, (j_method, _, _) in enumerate(jobs) if j_method == m_index]
+        frames = [r["frames"] for r in own]
+        rows, feats = score(frames, prompt_list, classifier)
+        for r, p, s in zip(rows, prompt_list, seeds_list):
+            video_rows.append(dict(method=m.name, prompt=p.prompt, seed=s, **r))
+        table.append(dict(method=m.name, layer=layers.get(m.mode, "") if m.mode else "",
+                          **method_cost(own, steps, model.num_layers()),
+                          **summarize_rows(rows, feats, reference, args.bootstrap)))
     cfg_row = next((r for r in table if r["method"] == "CFG"), None)
     for r in table:
         if cfg_row is not None and "denoiser_seconds_per_video" in r:
