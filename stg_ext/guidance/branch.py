@@ -24,7 +24,9 @@ from torch import nn
 from ..weak.adapters import get_adapter
 from ..weak.adapters.base import ModelAdapter, argument, read_signature
 from ..weak.batch import cond_half, map_per_sample, take
+from . import caches
 from .config import STRATEGIES, LayerSpec
+from .stash_guard import StashVersions
 from ..weak.hooks import PerturbationState, install, uninstall
 from ..weak.model import check_mode, install_layer_hooks, resolve_layers, unwrap
 
@@ -44,6 +46,7 @@ class PrefixState:
     start: int = -1             # execution index of the first block the perturbed branch computes
     halve: bool = False         # stash the second half of the rows (batched [uncond, cond] calls)
     stash: Optional[Tuple[tuple, dict]] = None
+    versions: Optional[StashVersions] = None  # the stash's version counters when it was taken (eager only)
     hooks: List["PrefixHook"] = field(default_factory=list)  # every block's hook, in execution order
 
     def set_phase(self, phase: str) -> None:
@@ -90,7 +93,11 @@ class PrefixHook(_BlockHook):
                 state.stash = cond_half(module, self.adapter, args, kwargs, batch)
             else:
                 state.stash = (args, kwargs)
+            if not torch.compiler.is_compiling():  # a version read in a compiled frame is data-dependent
+                state.versions = StashVersions.take(state.stash)
             return forward(*args, **kwargs)
+        if state.versions is not None and not torch.compiler.is_compiling():
+            state.versions.check(self.index)
         args, kwargs = state.stash
         return forward(*args, **kwargs)
 
@@ -181,7 +188,9 @@ class PerturbedBranch:
                 for index, lay in sorted(by_index.items()):
                     state = PerturbationState(active=False)
                     self._states[(mode, index)] = state
-                    self._installed += install_layer_hooks(self.adapter, lay, mode, state, tag=f"[{mode}:{index}]")
+                    # No refusal of cache boundary blocks: the perturbed passes run with the caches bypassed.
+                    self._installed += install_layer_hooks(self.adapter, lay, mode, state, tag=f"[{mode}:{index}]",
+                                                           cache_boundaries=False)
             self._blocks = blocks
             # Installed after the perturbation hooks, so they are the outer hooks of a perturbed block: a replayed
             # or widened call still goes through the perturbation.
@@ -217,7 +226,11 @@ class PerturbedBranch:
         """Other hooks on the blocks (diffusers' caches, offloading) may keep per-block state or expect every
         block to run; prefix reuse then steps aside and the perturbed pass runs in full. diffusers' context-parallel
         hooks (`enable_parallelism`: split a block's inputs / gather its outputs) are stateless and act the same in
-        every pass: they stay (tests/distributed/test_context_parallel.py)."""
+        every pass: they stay (tests/distributed/test_context_parallel.py). A cache that approximates activations
+        anywhere in the model (PAB's attention hooks too) makes the cond pass's activations at the perturbed block
+        the cache's, not the uncached weak model's prefix: prefix reuse steps aside then as well (caches/)."""
+        if caches.approximating(self.model):
+            return True
         for block in self._blocks:
             registry = getattr(block, "_diffusers_hook", None)
             if registry is not None and any(not name.startswith(("stg_ext.", "cp_input---", "cp_output---"))
@@ -248,14 +261,14 @@ class PerturbedBranch:
         if state is None or self._foreign_block_hooks():
             yield
             return
-        state.halve, state.stash = halve, None
+        state.halve, state.stash, state.versions = halve, None, None
         state.start = self._start(spec)
         state.set_phase("stash")
         try:
             yield
         finally:
             state.set_phase("off")
-            state.stash = None
+            state.stash = state.versions = None
 
     @contextmanager
     def _joined(self, spec: LayerSpec, halve: bool, n_rows: int) -> Iterator[None]:
