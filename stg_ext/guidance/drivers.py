@@ -4,10 +4,15 @@ A driver receives each denoiser call (from `GuidanceHook`), runs the stock call,
 when the step asks for it, and returns what the pipeline's own CFG line turns into STG_SPEC section 2's `f`:
 
 - batched `[uncond, cond]` in one call: returns `[u, c']` with `c' = u + (f - u)/g` (`combine(fold=True)`),
-  or `f` itself when CFG is off (the batch is `[cond]`);
+  or `f` itself when CFG is off (the batch is `[cond]`); a call with CFG on that carries only the cond half (half
+  the rows of the run's first call: a hook outside STG's, such as FasterCache's CFG cache, skipped the uncond
+  rows and builds its own u~ from what the call returns) returns `c' = c + (s/g)(c - p)`, which makes
+  `u~ + g(c' - u~) = u~ + g(c - u~) + s(c - p)` for whatever u~ that hook builds; STG's rescale needs u
+  (`std(f)`), so such a call with rescale is an error;
 - separate calls, cond first: the cond call returns `c' = c + (s/g)(c - p)`, which makes `u + g(c' - u) = f`
-  whatever `u` is; with STG's rescale, `f` depends on `std(f)`, hence on `u`, so the uncond call returns
-  `u' = (F - g c')/(1 - g)` for the rescaled `F`; CFG off: the cond call returns `f`.
+  whatever `u` is; with STG's rescale, `f` depends on `std(f)`, hence on `u`: the cond call returns `f1/g` (`f1`:
+  the prediction at g = 1) and the uncond call `u' = (F - g c')/(1 - g)` for the rescaled `F`, which stays
+  bounded as g -> 1 (separate_fold.py); CFG off: the cond call returns `f`.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from ..weak.batch import cond_half
 from .branch import PerturbedBranch
 from .config import StepSettings
 from .outputs import prediction, with_prediction
+from .separate_fold import cond_return, uncond_return
 from ..ops import combine
 
 Forward = Callable[..., Any]
@@ -115,6 +121,18 @@ class CFGBatchDriver:
         self.last_output: Optional[torch.Tensor] = None  # the [u, c'] it was returned in
         self._cfg: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # a cfg tensor and its checked fp32 form
         self.deltas = DeltaCache()
+        self._full: Tuple[Any, int] = (None, 0)  # (run, rows of its first call): the [uncond, cond] batch size
+
+    def _cond_only(self, call: Call) -> bool:
+        """Whether a call with CFG on carries the cond half only (see the module docstring). The first call of a
+        run has both halves (FasterCache computes the uncond half at its first iteration)."""
+        if call.cfg_scale is None:
+            return False
+        rows = _rows(call)
+        if self._full[0] is not call.run or call.run is None:
+            self._full = (call.run, rows)
+            return False
+        return 2 * rows == self._full[1]
 
     def _cfg_scale(self, g: Any, like: torch.Tensor) -> Any:
         """A per-element CFG scale (SVD's per-frame tensor, the same for a whole run): checked for zeros and
@@ -131,16 +149,45 @@ class CFGBatchDriver:
         return cached[1]
 
     def __call__(self, call: Call) -> Any:
+        cond_only = self._cond_only(call)
+        halve = call.cfg_scale is not None and not cond_only
         if call.settings is None:
-            with call.branch.idle(call.idle_layer, halve=call.cfg_scale is not None):
+            with call.branch.idle(call.idle_layer, halve=halve):
                 return call.forward(*call.args, **call.kwargs)
+        if cond_only:
+            with _branch_context(call, self.deltas, halve=False):
+                return self._cond_half_only(call)
         if call.placement == "uncond":
             _needs_cfg(call)
             # [u_p, c]: the uncond rows run perturbed; the pipeline's CFG line then gives u_p + g (c - u_p).
             with call.branch.live(call.modes[0], call.settings.layer, rows=slice(0, _rows(call) // 2)):
                 return call.forward(*call.args, **call.kwargs)
-        with _branch_context(call, self.deltas, halve=call.cfg_scale is not None):
+        with _branch_context(call, self.deltas, halve=halve):
             return self._guided(call)
+
+    def _cond_half_only(self, call: Call) -> Any:
+        s = call.settings
+        if call.placement == "uncond":
+            raise RuntimeError("stg_ext: placement='uncond' perturbs the uncond rows, and this call carries only the "
+                               "cond half (a hook outside STG's, such as diffusers' FasterCache, skipped them); use "
+                               "placement='cond'")
+        if s.rescale != 0.0:
+            raise RuntimeError("stg_ext: STG's rescale needs u (it rescales f = u + g (c - u) + s (c - p) by std(c)/"
+                               "std(f)), and this call carries only the cond half (a hook outside STG's, such as "
+                               "diffusers' FasterCache CFG cache, estimates u itself); use rescale=0, or apply_stg "
+                               "to the pipeline (STG then runs outside the cache and sees its u estimate)")
+        out = call.forward(*call.args, **call.kwargs)
+        c = prediction(out)
+        ps = self.deltas.predictions(call, c, call.args, call.kwargs)
+        g = call.cfg_scale
+        if isinstance(g, torch.Tensor):
+            stg = combine(c, _plist(ps), None, stg_scale=_scale_arg(s.scales), orthogonalize=call.orthogonalize)
+            c_folded = (c.float() + (stg.float() - c.float()) / self._cfg_scale(g, c)).to(c.dtype)
+        else:
+            # Whatever u~ the outer hook builds: u~ + g (c' - u~) = u~ + g (c - u~) + s (c - p).
+            c_folded = combine(c, _plist(ps), None, stg_scale=_scale_arg([w / float(g) for w in s.scales]),
+                               orthogonalize=call.orthogonalize)
+        return with_prediction(out, c_folded)
 
     def _guided(self, call: Call) -> Any:
         out = call.forward(*call.args, **call.kwargs)
@@ -213,16 +260,10 @@ class SeparateDriver:
             f = combine(c, _plist(ps), None, stg_scale=_scale_arg(s.scales), rescale=s.rescale,
                         orthogonalize=call.orthogonalize)
             return with_prediction(out, f)
-        if float(g) == 1.0:
-            # The pipeline's line is u + 1 (c' - u) = c' (Wan 2.2's low-noise expert may run at scale 1): f does not
-            # depend on u.
-            f = combine(c, _plist(ps), None, stg_scale=_scale_arg(s.scales), rescale=s.rescale,
-                        orthogonalize=call.orthogonalize)
-            return with_prediction(out, f)
-        # u + g (c' - u) = u + g (c - u) + s (c - p) for every u: c' = c + (s/g)(c - p).
-        c_folded = combine(c, _plist(ps), None, stg_scale=_scale_arg([w / g for w in s.scales]),
-                           orthogonalize=call.orthogonalize)
-        if s.rescale != 0.0:
+        # Near g = 1 and with rescale, see separate_fold.py (the fold that keeps the pipeline's rounding bounded).
+        c_folded, adjust_uncond = cond_return(c, _plist(ps), float(g), _scale_arg(s.scales), s.rescale,
+                                              call.orthogonalize)
+        if adjust_uncond:
             self.pending = dict(step=step, c=c, ps=ps, c_folded=c_folded, g=g, settings=s)
         return with_prediction(out, c_folded)
 
@@ -234,6 +275,5 @@ class SeparateDriver:
         u = prediction(out)
         f = combine(p["c"], _plist(p["ps"]), u, cfg_scale=g, stg_scale=_scale_arg(s.scales), rescale=s.rescale,
                     orthogonalize=call.orthogonalize)
-        # The pipeline computes u' + g (c' - u'); pick u' so that this is f: u' = (f - g c') / (1 - g).
-        u_adjusted = (f.float() - g * p["c_folded"].float()) / (1.0 - g)
-        return with_prediction(out, u_adjusted.to(u.dtype))
+        # The pipeline computes u' + g (c' - u'); pick u' so that this is f.
+        return with_prediction(out, uncond_return(f, p["c_folded"], float(g), u.dtype))
