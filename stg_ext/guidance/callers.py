@@ -40,6 +40,7 @@ class Binding:
         wrappers = [v for v in self.pipe.components.values()
                     if isinstance(v, nn.Module) and v is not unwrap(v) and any(unwrap(v) is m for m in models)]
         self.session.enter_compiled(wrappers)
+        self.session.settle_caches()  # a cache enabled since STG was applied, before its first call of this run
 
     def view(self, denoiser: str) -> Optional[LoopView]:
         run = self.tracker.run

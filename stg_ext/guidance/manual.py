@@ -50,6 +50,7 @@ class DenoiserSession(GuidanceSession):
             raise ValueError(f"stg_ext: set_step needs 0 <= i < n_steps, got i={i}, n_steps={n_steps}")
         if i == 0:
             self._loop.run = object()  # a new sampling run
+            self.settle_caches()  # a cache enabled since STG was applied, before this run's first call
         self._loop.step, self._loop.n_steps = i, n_steps
 
 

@@ -22,6 +22,7 @@ from ..handle import Handle
 from ..weak.adapters import get_adapter
 from ..weak.hooks import install, uninstall
 from ..weak.model import remove_weak_model, unwrap
+from . import caches
 from .attached import forget, record, session_of
 from .branch import PerturbedBranch
 from .config import STGConfig
@@ -129,6 +130,7 @@ class GuidanceSession(Handle):
                 self.hooks[name] = GuidanceHook(self, name)
                 self._installed.append(install(model, self.hooks[name], GUIDANCE_HOOK))
                 record(model, self)
+            self.settle_caches()
             self.enter_compiled()
         except Exception:
             self.remove()
@@ -155,8 +157,23 @@ class GuidanceSession(Handle):
         False otherwise (the caller then installs a new session)."""
         if config.structure != self.config.structure:
             return False
+        self._refuse_caches(config)
         self.config, self._checked_run = config, None
         return True
+
+    def _refuse_caches(self, config: STGConfig) -> None:
+        for model in self.models.values():
+            reasons = caches.refusals(model, config)
+            if reasons:
+                raise ValueError("; ".join(reasons))
+
+    def settle_caches(self) -> None:
+        """Whatever diffusers caches the denoisers carry now (enabled before or after STG): refuses the combinations
+        without meaning and moves the guidance hook outside the caches' denoiser-level hooks. Called when STG is
+        applied, when a run starts (before the denoiser's first call) and at each run's first call."""
+        self._refuse_caches(self.config)
+        for model in self.models.values():
+            caches.arrange(model, GUIDANCE_HOOK)
 
     def driver(self, denoiser: str, convention: str) -> Any:
         key = (denoiser, convention)
@@ -182,8 +199,14 @@ class GuidanceSession(Handle):
                                "to such calls", hook.denoiser)
                 self._warned_outside = True
             return forward(*args, **kwargs)
+        rearrange = False
         if self._checked_run is not loop.run or loop.run is None:
             self.config.check_steps(loop.n_steps)
+            self._refuse_caches(self.config)
+            # A cache hook installed outside the guidance hook since the run started (a custom loop that did not call
+            # set_step(0, n), a pipeline first seen calling mid-run): this call is already inside it; the hook moves
+            # out once the call returns, and the driver takes the batch it gets (the cond half, from FasterCache).
+            rearrange = bool(caches.outside(module, GUIDANCE_HOOK)) and not hook.passthrough
             self._checked_run = loop.run
         settings = self.config.at(loop.step, loop.n_steps)
         if settings is not None and settings.is_noop:
@@ -194,10 +217,15 @@ class GuidanceSession(Handle):
                     placement=self.config.placement, run=loop.run)
         context = hook.context._context
         call.isolate = _own_cache_context(module, context)
-        if loop.convention == "cfg_batch":
-            return driver(call)
-        call.role = driver.role(context.name if context is not None else None, loop.step, loop.cfg_scale is not None)
-        return driver(call, loop.step)
+        try:
+            if loop.convention == "cfg_batch":
+                return driver(call)
+            call.role = driver.role(context.name if context is not None else None, loop.step,
+                                    loop.cfg_scale is not None)
+            return driver(call, loop.step)
+        finally:
+            if rearrange:
+                caches.arrange(module, GUIDANCE_HOOK)
 
     # --- removal ----------------------------------------------------------------------------------------------
 
@@ -223,19 +251,21 @@ class GuidanceSession(Handle):
 
 
 def _own_cache_context(module: nn.Module, context: Optional[CacheContext]):
-    """The perturbed passes get their own cache-context name, so that diffusers' caching hooks keep separate
-    state for them; the pipeline's context is set again afterwards."""
+    """The perturbed passes run with diffusers' cache hooks bypassed (caches/__init__.py: p is the uncached weak
+    model's) and under a cache-context name of their own, so that any other stateful hook keeps separate state for
+    them; the pipeline's context is set again afterwards."""
 
     @contextmanager
     def isolate(mode: str) -> Iterator[None]:
-        if context is None:
-            yield
-            return
-        _set_cache_context(module, replace(context, name=f"{context.name}:stg_{mode}"))
-        try:
-            yield
-        finally:
-            _set_cache_context(module, context)
+        with caches.bypassed(module):
+            if context is None:
+                yield
+                return
+            _set_cache_context(module, replace(context, name=f"{context.name}:stg_{mode}"))
+            try:
+                yield
+            finally:
+                _set_cache_context(module, context)
 
     return isolate
 

@@ -192,6 +192,16 @@ def _remove_hook(registry: HookRegistry, name: str) -> None:
     registry.remove_hook(name, recurse=False)
 
 
+def move_outermost(module: nn.Module, name: str) -> None:
+    """Re-registers `module`'s hook `name` last, so that it runs outside the hooks registered after it (the other
+    hooks keep their order and links)."""
+    registry = module._diffusers_hook
+    hook = registry.hooks[name]
+    with _beneath_accelerate(module):
+        _remove_hook(registry, name)
+        registry.register_hook(hook, name)
+
+
 def uninstall(installed: List[Tuple[nn.Module, str]]) -> None:
     """Removes hooks in reverse order of installation, keeping any other hooks (diffusers' caches, accelerate's
     offloading) working, then drops what the registry left behind."""

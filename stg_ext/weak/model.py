@@ -113,14 +113,17 @@ def weak_model(model: nn.Module, layer: LayerSpec, mode: str = "attention", *,
 
 
 def install_layer_hooks(adapter: ModelAdapter, lay: Layer, mode: str, state: PerturbationState,
-                        tag: str = "") -> List[Tuple[nn.Module, str]]:
+                        tag: str = "", cache_boundaries: bool = True) -> List[Tuple[nn.Module, str]]:
     """The hooks that make `lay` perturbed by `mode` while `state.active`; `tag` keeps the hook names of
-    several installations on one module apart (a guidance session installs one per (mode, layer))."""
+    several installations on one module apart (a guidance session installs one per (mode, layer)).
+    `cache_boundaries`: refuse to skip First Block Cache's boundary blocks (a weak model alone runs through the
+    cache; guidance bypasses the caches in its perturbed passes and passes False)."""
     installed: List[Tuple[nn.Module, str]] = []
     try:
-        if mode == "residual":
+        if mode == "residual" and cache_boundaries:
             for path, module in adapter.skip_modules(lay):
                 _refuse_cache_boundary(module, path)
+        if mode == "residual":
             for _, module in adapter.skip_modules(lay):
                 installed.append(install(module, SkipBlockHook(adapter, state), SKIP_HOOK + tag))
         else:

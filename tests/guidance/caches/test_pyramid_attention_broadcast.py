@@ -1,0 +1,77 @@
+"""STG with Pyramid Attention Broadcast (issue 15): against the plain reference of _reference.py, in both orders.
+
+PAB serves the stock passes' attention as without STG; the perturbed pass bypasses it (was: shape errors on Allegro,
+CogVideoX, Latte, LTX, Mochi, a near no-op STG-A when PAB was enabled after apply_stg, and PAB's iteration count
+advanced by the perturbed passes)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import PyramidAttentionBroadcastConfig
+
+import stg_ext
+from stg_ext.testing.tiny import tiny_pipeline
+
+from ._reference import FAMILIES, Pipeline, check
+
+STEPS = 4
+CASES = [(fam, mode) for fam in ("cogvideox", "latte", "allegro", "mochi", "ltx", "wan", "hunyuan_video")
+         for mode in ("attention", "residual")]
+
+
+def _pab(pipe) -> PyramidAttentionBroadcastConfig:
+    # Every timestep in range and every other call broadcast, so that the tiny runs do broadcast.
+    return PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
+                                           spatial_attention_timestep_skip_range=(-1, 10 ** 6),
+                                           current_timestep_callback=lambda: pipe.current_timestep)
+
+
+def _pipeline(family: str) -> Pipeline:
+    return Pipeline(tiny_pipeline(family, vae=False), FAMILIES[family])
+
+
+def _iterations(model) -> list:
+    return [m._diffusers_hook.get_hook("pyramid_attention_broadcast").state.iteration for m in model.modules()
+            if getattr(m, "_diffusers_hook", None) is not None
+            and m._diffusers_hook.get_hook("pyramid_attention_broadcast") is not None]
+
+
+@pytest.mark.parametrize("family,mode", CASES, ids=[f"{f}-{m}" for f, m in CASES])
+@pytest.mark.parametrize("order", ["cache_first", "stg_first"])
+def test_matches_reference(family, mode, order):
+    pl = _pipeline(family)
+    pl.model.enable_cache(_pab(pl.tp.pipe))
+    stock = pl.run(STEPS)
+    uncached = Pipeline(tiny_pipeline(family, vae=False), pl.fam).run(STEPS)
+    assert not torch.equal(stock, uncached), "PAB never broadcast: widen its ranges"
+    ref = pl.reference(mode, STEPS)
+    if order == "stg_first":
+        pl.model.disable_cache()
+        session = stg_ext.apply_stg(pl.tp.pipe, pl.fam.layer, mode)
+        pl.model.enable_cache(_pab(pl.tp.pipe))
+    else:
+        session = stg_ext.apply_stg(pl.tp.pipe, pl.fam.layer, mode)
+    with session:
+        out = pl.run(STEPS)
+    check(out, ref, stock)
+    assert torch.equal(pl.run(STEPS), stock), "remove_stg left PAB changed"
+
+
+@pytest.mark.parametrize("order", ["cache_first", "stg_first"])
+def test_broadcast_schedule_counts_the_stock_calls_only(order):
+    # HunyuanVideo (one call per step with true CFG off): each attention module's count advances once per step, as
+    # without STG, whichever was enabled first.
+    pl = _pipeline("hunyuan_video")
+    seen = []
+
+    def record(pipe, i, t, kw):
+        seen.append(_iterations(pl.model))
+        return kw
+
+    if order == "stg_first":
+        stg_ext.apply_stg(pl.tp.pipe, 2, "attention")
+    pl.model.enable_cache(_pab(pl.tp.pipe))
+    if order == "cache_first":
+        stg_ext.apply_stg(pl.tp.pipe, 2, "attention")
+    pl.run(STEPS, true_cfg_scale=1.0, callback_on_step_end=record)
+    assert seen and all(counts and set(counts) == {i + 1} for i, counts in enumerate(seen)), seen
