@@ -34,7 +34,7 @@ import statistics
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -59,6 +59,29 @@ class Geometry:
     build: Callable[[], torch.nn.Module]
     inputs: Callable[[int, int], dict]  # (batch, frames) -> forward kwargs
     convention: str  # how the family's pipelines call the denoiser: "batched" [u, c] or "separate" calls
+    lists: Tuple[Tuple[str, int], ...] = (("num_layers", 0),)  # (config key, blocks) per block list, in order
+
+    def at_depth(self, depth: int) -> "Geometry":
+        """The same family with about `depth` blocks, each block list shortened in proportion and the perturbed
+        block at the same relative depth in its list (the compiled runs: inductor compiles a whole model block by
+        block, which at full depth takes longer than a session on this machine)."""
+        counts = [max(1, round(n * depth / self.n_layers)) for _, n in self.lists]
+        offset = new_offset = 0
+        for (_, n), new in zip(self.lists, counts):
+            if self.layer < offset + n:  # the perturbed block's list
+                index = min(new - 1, round(self.list_index * new / n))
+                layer = new_offset + index
+                break
+            offset, new_offset = offset + n, new_offset + new
+        overrides = {key: new for (key, _), new in zip(self.lists, counts)}
+        build = self.build
+
+        def shallow():
+            full = build()
+            return type(full).from_config({**full.config, **overrides})
+
+        return Geometry(f"{self.name}@{sum(counts)}", sum(counts), layer, self.block_list, index, shallow,
+                        self.inputs, self.convention, tuple((k, c) for (k, _), c in zip(self.lists, counts)))
 
 
 def _mochi():
@@ -118,11 +141,14 @@ def _hunyuan_inputs(b, f):
 
 
 GEOMETRIES = {
-    "mochi": Geometry("mochi", 48, 34, "transformer_blocks", 34, _mochi, _mochi_inputs, "batched"),
-    "ltx-video-2b": Geometry("ltx-video-2b", 28, 19, "transformer_blocks", 19, _ltx, _ltx_inputs, "batched"),
-    "wan-1.3b": Geometry("wan-1.3b", 30, 8, "blocks", 8, _wan, _wan_inputs, "separate"),
+    "mochi": Geometry("mochi", 48, 34, "transformer_blocks", 34, _mochi, _mochi_inputs, "batched",
+                      (("num_layers", 48),)),
+    "ltx-video-2b": Geometry("ltx-video-2b", 28, 19, "transformer_blocks", 19, _ltx, _ltx_inputs, "batched",
+                             (("num_layers", 28),)),
+    "wan-1.3b": Geometry("wan-1.3b", 30, 8, "blocks", 8, _wan, _wan_inputs, "separate", (("num_layers", 30),)),
     # A single-stream layer: index 40 is single_transformer_blocks[20].
-    "hunyuan-video": Geometry("hunyuan-video", 60, 40, "single_transformer_blocks", 20, _hunyuan, _hunyuan_inputs, "separate"),
+    "hunyuan-video": Geometry("hunyuan-video", 60, 40, "single_transformer_blocks", 20, _hunyuan, _hunyuan_inputs,
+                              "separate", (("num_layers", 20), ("num_single_layers", 40))),
 }
 MODES = ("residual", "attention")
 VARIANTS = ("cfg", "sequential", "naive", "diffusers")
@@ -254,18 +280,25 @@ def compile_model(model: torch.nn.Module, how: str) -> None:
                 block.compile()
 
 
-def run_compiled(names: List[str], repeats: int, frames: int, how: str) -> List[dict]:
+def run_compiled(names: List[str], repeats: int, frames: int, how: str, depth: Optional[int]) -> List[dict]:
     """As `run`, with each part on its own compiled copy of the model, set up once (no reinstallation between
     rounds: a compiled model keeps its code)."""
+    # Every part's copy shares the blocks' code objects, hence one dynamo cache: with STG installed on several copies
+    # at once their variants add up past the default recompile limit (8), which one model with one installation
+    # stays below (tests/guidance/test_compile.py checks that with the default).
+    torch._dynamo.config.recompile_limit = 64
     rows = []
     for name in names:
-        g = GEOMETRIES[name]
+        g = GEOMETRIES[name] if depth is None else GEOMETRIES[name].at_depth(depth)
         torch.manual_seed(0)
         base = g.build().eval()
+        # only the parts the family's calling convention uses (diffusers' layer skip is not timed compiled)
+        parts = ("pass1", "cfg_batched", "sequential_batched", "naive_batched") if g.convention == "batched" else \
+            ("pass1", "sequential_cond", "naive_cond")
         for mode in MODES:
             torch._dynamo.reset()
             fns, first = {}, {}
-            for part in PARTS[:-1]:  # diffusers' layer skip is not part of the compiled comparison
+            for part in parts:
                 model = copy.deepcopy(base)
                 compile_model(model, how)
                 fns[part] = part_fn(part, g, mode, model, frames)
@@ -279,17 +312,23 @@ def run_compiled(names: List[str], repeats: int, frames: int, how: str) -> List[
                     fn()
                     if round_:
                         samples[part].append(time.perf_counter() - start)
+            stock_part = "cfg_batched" if g.convention == "batched" else "pass1"
+            stg_part = "sequential_batched" if g.convention == "batched" else "sequential_cond"
+            # the compiled STG call against eager STG on the uncompiled model (same inputs: part_fn seeds them)
+            got = fns[stg_part]()[0]
+            eager = part_fn(stg_part, g, mode, base, frames)
+            want = eager()[0]
+            eager.cleanup()
             for fn in fns.values():
                 fn.cleanup()
             t = {part: statistics.median(v) for part, v in samples.items()}
-            row = dict(_row(name, g, mode, frames, step_times(g, mode, t)), compile=how)
-            stock_part = "cfg_batched" if g.convention == "batched" else "pass1"
-            stg_part = "sequential_batched" if g.convention == "batched" else "sequential_cond"
+            row = dict(_row(g.name, g, mode, frames, step_times(g, mode, t)), compile=how)
+            row["max_err_vs_eager"] = float((got - want).abs().max() / want.abs().max())
             row["stock_compile_s"] = round(first[stock_part], 1)
             row["stg_compile_s"] = round(first[stg_part], 1)
             rows.append(row)
-            print(_line(row) + f"  first call: stock {row['stock_compile_s']} s, STG {row['stg_compile_s']} s",
-                  flush=True)
+            print(_line(row) + f"  first call: stock {row['stock_compile_s']} s, STG {row['stg_compile_s']} s"
+                  f"  max|compiled - eager| / max|eager| = {row['max_err_vs_eager']:.1e}", flush=True)
     return rows
 
 
@@ -342,7 +381,7 @@ def _line(row: dict) -> str:
             f"  sequential/floor={row['sequential_vs_floor']}")
 
 
-def plot(rows: List[dict], out_dir: str) -> Optional[str]:
+def plot(rows: List[dict], out_dir: str, name: str = "step_cost", how: str = "none") -> Optional[str]:
     try:
         import matplotlib
 
@@ -363,10 +402,12 @@ def plot(rows: List[dict], out_dir: str) -> Optional[str]:
     ax.set_xticks(list(xs))
     ax.set_xticklabels(labels, fontsize=8)
     ax.set_ylabel("step time / CFG step time")
-    ax.set_title("STG step cost (tiny width, full depth, CPU)")
+    depth = "full depth" if all("@" not in r["model"] for r in rows) else "shortened depth"
+    compiled = {"none": "eager", "whole": "compiled whole (inductor)", "regional": "compiled regionally (inductor)"}[how]
+    ax.set_title(f"STG step cost, {compiled} (tiny width, {depth}, CPU)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = os.path.join(out_dir, "step_cost.png")
+    path = os.path.join(out_dir, f"{name}.png")
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
     return path
@@ -382,6 +423,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     parser.add_argument("--quick", action="store_true", help="1 repeat, 1 latent frame")
     parser.add_argument("--compile", default="none", choices=("none", "whole", "regional"),
                         help="time the denoiser compiled with inductor: whole (model.compile()) or regional")
+    parser.add_argument("--depth", type=int, help="with --compile: about this many blocks per model (each block list "
+                                                  "shortened in proportion, the layer at the same relative depth)")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.frames = 1, 1
@@ -389,11 +432,10 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         rows = run(args.models, args.repeats, args.frames, args.memory)
         name = "step_cost"
     else:
-        rows = run_compiled(args.models, args.repeats, args.frames, args.compile)
+        rows = run_compiled(args.models, args.repeats, args.frames, args.compile, args.depth)
         name = f"step_cost_{args.compile}"
     write_csv(rows, args.out, f"{name}.csv")
-    if args.compile == "none":
-        plot(rows, args.out)
+    plot(rows, args.out, name, args.compile)
     return rows
 
 
