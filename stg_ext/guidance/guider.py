@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import math
 import weakref
+from contextlib import ExitStack
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -47,6 +48,7 @@ from diffusers.guiders import ClassifierFreeGuidance
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput, rescale_noise_cfg
 
 from ..handle import Handle
+from . import caches
 from .attached import forget, record, session_of
 from .branch import PerturbedBranch
 from .config import StepSettings, STGConfig
@@ -241,8 +243,10 @@ class STGGuidance(BaseGuidance):
         settings = self._stg_settings()
         names = stg_prediction_names(config.modes)
         mode = config.modes[names.index(batches[k][0])]
-        live = self._branch(denoiser, config).live(mode, settings.layer)
-        live.__enter__()
+        live = ExitStack()
+        live.enter_context(self._branch(denoiser, config).live(mode, settings.layer))
+        # The perturbed batch runs with diffusers' caches bypassed, as every perturbed pass (caches/__init__.py).
+        live.enter_context(caches.bypassed(unwrap(denoiser)))
         self._live = live
 
     def cleanup_models(self, denoiser: torch.nn.Module) -> None:

@@ -20,8 +20,8 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from torch import nn
 
-from tests.weak.models import (test_allegro, test_cogvideox, test_hunyuan_video, test_latte, test_ltx, test_mochi,
-                               test_wan)
+from tests.weak.models import (test_allegro, test_cogvideox, test_hunyuan_video, test_hunyuan_video15, test_latte,
+                               test_ltx, test_mochi, test_wan)
 
 
 @dataclass
@@ -29,7 +29,7 @@ class Family:
     name: str
     tests: type                   # the tests/weak/models class whose plain references perturb the denoiser
     convention: str               # "batched" ([uncond, cond] in one call) or "separate" (cond call, uncond call)
-    cfg_key: str = "guidance_scale"
+    cfg_key: Optional[str] = "guidance_scale"  # None: the pipeline's guider holds the CFG scale
     layer: int = 1
     tensor_format: str = "BCFHW"  # FasterCache's name for the latents' layout
 
@@ -42,6 +42,8 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in [
     Family("allegro", test_allegro.TestAllegroRoPE, "batched"),
     Family("wan", test_wan.TestWanT2V, "separate"),
     Family("hunyuan_video", test_hunyuan_video.TestHunyuanVideo, "separate", cfg_key="true_cfg_scale", layer=2),
+    # Its guider (ClassifierFreeGuidance) calls the denoiser for pred_cond, then pred_uncond.
+    Family("hunyuan_video15", test_hunyuan_video15.TestHunyuanVideo15, "separate", cfg_key=None),
 ]}
 
 
@@ -144,7 +146,8 @@ class Pipeline:
         """f of the definition above, sampled by the pipeline's own loop (the cache must be enabled already)."""
         weak = copy.deepcopy(self.plain)
         perturbation(self.fam, mode)(weak, self.fam.layer if layer is None else layer)
-        g = float(self.tp.call_kwargs(steps=steps)[self.fam.cfg_key])
+        key = self.fam.cfg_key
+        g = float(self.tp.pipe.guider.guidance_scale if key is None else self.tp.call_kwargs(steps=steps)[key])
         ref = CachedReference(self.model, weak, self.fam.convention, g, s)
         try:
             return self.run(steps)
