@@ -5,7 +5,7 @@ from typing import Any
 
 from torch import nn
 
-from .guidance.attached import session_of
+from .guidance.attached import copied, session_of
 from .guidance.callers import apply_to_denoiser, apply_to_pipeline
 from .guidance.config import STGConfig
 from .guidance.loop import is_pipeline
@@ -76,8 +76,11 @@ def _apply(target: Any, layer: Any, mode: Any, *, scale: Any, rescale: Any, star
     else:
         raise TypeError(f"stg_ext.apply_stg: {type(target).__name__} is neither a diffusers pipeline nor a denoiser "
                         "module")
-    earlier = session_of(unwrap(target) if kind != "pipeline" else target)
+    holder = unwrap(target) if kind != "pipeline" else target
+    earlier = session_of(holder)
     reconfigure = getattr(earlier, "reconfigure", None) if getattr(earlier, "kind", None) == kind else None
+    if copied(holder):
+        reconfigure = None  # a copy's session follows the original's loop: replaced, not reconfigured
     if reconfigure is not None and reconfigure(config, cfg_scale):
         return earlier  # same hooks, new settings: a compiled denoiser keeps its compiled code
     remove_stg(target)

@@ -53,7 +53,8 @@ from .attached import forget, record, session_of
 from .branch import PerturbedBranch
 from .config import StepSettings, STGConfig
 from ..ops import combine
-from ..weak.model import unwrap
+from ..weak.adapters import get_adapter
+from ..weak.model import check_mode, resolve_layers, unwrap
 
 logger = logging.getLogger("stg_ext")
 
@@ -122,6 +123,15 @@ class STGGuidance(BaseGuidance):
         # denoiser id -> (denoiser, its perturbed branch, the (modes, layer specs) the branch was built for)
         self._branches: Dict[int, Tuple[torch.nn.Module, PerturbedBranch, Tuple]] = {}
         self._live = None
+        # Set by apply_stg (GuiderSession): the pipeline's stock guider, which save_pretrained writes in its place.
+        self.stock_guider: Optional[ClassifierFreeGuidance] = None
+
+    def save_pretrained(self, save_directory: Any, push_to_hub: bool = False, **kwargs) -> None:
+        """Saves the STG guider; one that apply_stg put on a pipeline saves the pipeline's stock guider instead
+        (a pipeline saved with STG on loads without stg_ext)."""
+        if self.stock_guider is not None:
+            return self.stock_guider.save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     # --- settings -------------------------------------------------------------------------------------------
 
@@ -302,6 +312,13 @@ class STGGuidance(BaseGuidance):
 
     # --- from a CFG guider ----------------------------------------------------------------------------------
 
+    @staticmethod
+    def stock_of(guider: "STGGuidance") -> ClassifierFreeGuidance:
+        """The ClassifierFreeGuidance with `guider`'s CFG settings (what it computes with STG off)."""
+        return ClassifierFreeGuidance(guidance_scale=guider.guidance_scale, guidance_rescale=guider.guidance_rescale,
+                                      use_original_formulation=guider.use_original_formulation, start=guider._start,
+                                      stop=guider._stop, enabled=guider._enabled)
+
     @classmethod
     def from_cfg(cls, guider: ClassifierFreeGuidance, config: STGConfig) -> "STGGuidance":
         """An STGGuidance with `guider`'s CFG settings (scale, rescale, formulation, window, enabled) and the STG
@@ -315,25 +332,51 @@ class STGGuidance(BaseGuidance):
 
 # --- apply_stg on a guider-based pipeline --------------------------------------------------------------------
 
+STOCK_ENTRY = ("diffusers", "ClassifierFreeGuidance")  # the pipeline config's (model_index.json's) guider entry
+
+
+def _check_layers(pipe: Any, config: STGConfig) -> None:
+    """Resolves every layer and mode on the pipeline's transformer now, not when the first perturbed batch runs."""
+    model = getattr(pipe, "transformer", None)
+    if model is None:
+        return
+    model = unwrap(model)
+    adapter = get_adapter(model)
+    for mode in config.modes:
+        check_mode(model, mode)
+    for spec in config.all_layers():
+        resolve_layers(adapter, model, spec)
+
+
 class GuiderSession(Handle):
     """STG on a pipeline that combines its predictions with `pipe.guider`: the guider is an `STGGuidance` until
     `remove()`, which puts the original guider back (and the pipeline config's entry for it). A context manager."""
 
     def __init__(self, pipe: Any, config: STGConfig):
         original = getattr(pipe, "guider", None)
-        if type(original) is not ClassifierFreeGuidance:
+        if isinstance(original, STGGuidance):
+            # An STG guider apply_stg did not install here (a pipeline saved or copied with STG on before stock
+            # saving, or set by hand): its settings are replaced; the pipeline's guider without STG is the
+            # ClassifierFreeGuidance of its CFG settings.
+            original.remove_hooks()
+            original = STGGuidance.stock_of(original)
+        elif type(original) is not ClassifierFreeGuidance:
             raise TypeError(
                 f"stg_ext.apply_stg: {type(pipe).__name__} combines its predictions with pipe.guider, which apply_stg "
                 f"replaces when it is a ClassifierFreeGuidance; this one is "
                 f"{type(original).__name__ if original is not None else None}. Set the guider yourself: "
                 "pipe.guider = stg_ext.guidance.guider.STGGuidance(stg_layer=..., stg_mode=..., stg_scale=..., "
                 "guidance_scale=...)")
+        _check_layers(pipe, config)
         self.owner = pipe
         self.config = config
         self.original = original
         self.guider = STGGuidance.from_cfg(original, config)
-        self._config_entry = pipe.config.get("guider") if hasattr(pipe, "config") else None
-        pipe.guider = self.guider  # DiffusionPipeline.__setattr__ also records the component in pipe.config
+        self.guider.stock_guider = original
+        self._config_entry = STOCK_ENTRY if hasattr(pipe, "config") else None
+        pipe.guider = self.guider  # DiffusionPipeline.__setattr__ also records the component in pipe.config ...
+        if self._config_entry is not None:
+            pipe.register_to_config(guider=self._config_entry)  # ... where the stock guider stays (model_index.json)
 
     def remove(self) -> None:
         pipe = self.owner

@@ -236,5 +236,6 @@ class LoopTracker:
                     setattr(obj, name, previous)
         # A wrapper that something else wrapped again (apply_restart after apply_stg) stays, as a pass-through.
         for wrapper in self._wrappers:
-            wrapper.active = False
+            if isinstance(wrapper, _MethodWrapper):  # a deep copy's list holds the copy's stock methods
+                wrapper.active = False
         self._saved, self._wrappers, self.run = {}, [], None

@@ -14,6 +14,7 @@ the text keys (`stg_ext.ops.identity_joint_attention`), and the text queries att
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import types
 from typing import Any, Callable, Dict, Optional
@@ -163,6 +164,11 @@ class IdentityProcessor:
         signature = inspect.signature(call)
         self.parameters = set(signature.parameters) - {"self"}
         self.takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+
+    def __deepcopy__(self, memo: dict) -> "IdentityProcessor":
+        """A twin of the copied processor (its own names in the module's globals, which are not copied: a module
+        holds imported modules, which cannot be copied)."""
+        return IdentityProcessor(copy.deepcopy(self.processor, memo), self.joint)
 
     @staticmethod
     def applies_to(processor: Any) -> bool:
