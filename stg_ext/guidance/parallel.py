@@ -576,4 +576,5 @@ def attach(session: Any, group: Any, placement: str = "auto") -> Optional[Branch
         raise
     session.on_remove(bg.remove)
     session.branch_group = bg
+    session.settle_caches()  # a cache already on the denoisers is refused now (else at the run's start)
     return bg

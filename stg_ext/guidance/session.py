@@ -162,8 +162,9 @@ class GuidanceSession(Handle):
         return True
 
     def _refuse_caches(self, config: STGConfig) -> None:
+        spread = getattr(self, "branch_group", None) is not None  # process_group= (parallel.attach)
         for model in self.models.values():
-            reasons = caches.refusals(model, config)
+            reasons = caches.refusals(model, config, spread)
             if reasons:
                 raise ValueError("; ".join(reasons))
 

@@ -97,10 +97,18 @@ def arrange(model: nn.Module, name: str) -> bool:
     return True
 
 
-def refusals(model: nn.Module, config: Any) -> List[str]:
-    """Why STG with `config` has no meaning alongside the caches on `model` (empty: it has)."""
+def refusals(model: nn.Module, config: Any, spread: bool = False) -> List[str]:
+    """Why STG with `config` has no meaning alongside the caches on `model` (empty: it has). `spread`: the session's
+    branches run on several processes (process_group=), each of whose cache would see only its own rank's calls
+    and approximate them differently from one process."""
     out = []
-    for kind in present(model):
+    kinds = present(model)
+    if spread and any(not kind.exact for kind in kinds):
+        names = ", ".join(kind.name for kind in kinds if not kind.exact)
+        out.append(f"stg_ext: process_group= spreads a step's branches over processes, and {type(model).__name__} "
+                   f"carries diffusers' {names}: each rank's cache would see only its own branches' calls, so its "
+                   "approximations would differ from one process's; disable the cache or drop process_group=")
+    for kind in kinds:
         reason = kind.refuse(config) if kind.refuse is not None else None
         if reason is not None:
             out.append(f"stg_ext: STG and diffusers' {kind.name} ({kind.config}) on {type(model).__name__}: {reason}")
