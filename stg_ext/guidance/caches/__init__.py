@@ -110,6 +110,15 @@ def refusals(model: nn.Module, config: Any, spread: bool = False) -> List[str]:
                    "approximations would differ from one process's; disable the cache or drop process_group=")
     for kind in kinds:
         reason = kind.refuse(config) if kind.refuse is not None else None
+        if reason is None and not kind.exact and config.placement == "uncond":
+            reason = _UNCOND_PLACEMENT
         if reason is not None:
             out.append(f"stg_ext: STG and diffusers' {kind.name} ({kind.config}) on {type(model).__name__}: {reason}")
     return out
+
+
+# placement="uncond" runs the perturbation inside the stock call (on its uncond rows): the cache would then see the
+# perturbed rows as its stock pass, and which of its hooks and STG's runs outside the other on a shared module (the
+# installation order) would decide whether a perturbed row's call reaches the cache, or a split batch does.
+_UNCOND_PLACEMENT = ("placement='uncond' perturbs the uncond rows inside the stock call, which this cache "
+                     "approximates; use placement='cond' (the perturbed pass bypasses the cache)")
