@@ -20,8 +20,8 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from torch import nn
 
-from tests.weak.models import (test_allegro, test_cogvideox, test_hunyuan_video, test_hunyuan_video15, test_latte,
-                               test_ltx, test_mochi, test_wan)
+from tests.weak.models import (test_allegro, test_cogvideox, test_easyanimate, test_hunyuan_video, test_hunyuan_video15,
+                               test_latte, test_ltx, test_mochi, test_wan)
 
 
 @dataclass
@@ -42,6 +42,7 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in [
     Family("allegro", test_allegro.TestAllegroRoPE, "batched"),
     Family("wan", test_wan.TestWanT2V, "separate"),
     Family("hunyuan_video", test_hunyuan_video.TestHunyuanVideo, "separate", cfg_key="true_cfg_scale", layer=2),
+    Family("easyanimate", test_easyanimate.TestEasyAnimate, "batched"),
     # Its guider (ClassifierFreeGuidance) calls the denoiser for pred_cond, then pred_uncond.
     Family("hunyuan_video15", test_hunyuan_video15.TestHunyuanVideo15, "separate", cfg_key=None),
 ]}

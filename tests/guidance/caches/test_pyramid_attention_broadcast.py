@@ -21,10 +21,11 @@ CASES = [(fam, mode) for fam in ("cogvideox", "latte", "allegro", "mochi", "ltx"
 
 
 def _pab(pipe) -> PyramidAttentionBroadcastConfig:
-    # Every timestep in range and every other call broadcast, so that the tiny runs do broadcast.
+    # Every timestep in range and every other call broadcast, so that the tiny runs do broadcast (a pipeline without
+    # current_timestep, EasyAnimate, is always in range).
     return PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
                                            spatial_attention_timestep_skip_range=(-1, 10 ** 6),
-                                           current_timestep_callback=lambda: pipe.current_timestep)
+                                           current_timestep_callback=lambda: getattr(pipe, "current_timestep", 500))
 
 
 def _pipeline(family: str) -> Pipeline:
@@ -76,3 +77,26 @@ def test_broadcast_schedule_counts_the_stock_calls_only(order):
         stg_ext.apply_stg(pl.tp.pipe, 2, "attention")
     pl.run(STEPS, true_cfg_scale=1.0, callback_on_step_end=record)
     assert seen and all(counts and set(counts) == {i + 1} for i, counts in enumerate(seen)), seen
+
+
+@pytest.mark.parametrize("family", ["easyanimate"])
+@pytest.mark.parametrize("order", ["cache_first", "stg_first"])
+def test_apply_function_on_a_model_without_enable_cache(family, order):
+    # EasyAnimate's transformer has no enable_cache; diffusers' apply_* function hooks it all the same.
+    from diffusers.hooks import apply_pyramid_attention_broadcast
+
+    pl = _pipeline(family)
+    apply_pyramid_attention_broadcast(pl.model, _pab(pl.tp.pipe))
+    stock = pl.run(STEPS)
+    assert not torch.equal(stock, _pipeline(family).run(STEPS)), "PAB never broadcast"
+    ref = pl.reference("attention", STEPS)
+    other = _pipeline(family)  # the same seed: the same weights
+    if order == "stg_first":
+        session = stg_ext.apply_stg(other.tp.pipe, other.fam.layer, "attention")
+        apply_pyramid_attention_broadcast(other.model, _pab(other.tp.pipe))
+    else:
+        apply_pyramid_attention_broadcast(other.model, _pab(other.tp.pipe))
+        session = stg_ext.apply_stg(other.tp.pipe, other.fam.layer, "attention")
+    with session:
+        out = other.run(STEPS)
+    check(out, ref, stock)
