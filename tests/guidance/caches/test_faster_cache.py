@@ -3,7 +3,7 @@
 FasterCache's CFG cache computes only the cond half on some steps and estimates u from c; STG runs outside it
 (whichever was enabled first), so it sees FasterCache's [u~, c~] as the stock prediction; the perturbed pass
 bypasses FasterCache (was: "odd batch of 1" with STG first, an unpack error with FasterCache first, on CogVideoX,
-Latte and Mochi)."""
+Latte and Mochi; Allegro checked too)."""
 from __future__ import annotations
 
 import pytest
@@ -18,7 +18,7 @@ from stg_ext.testing.tiny import tiny_pipeline
 from ._reference import FAMILIES, Pipeline, check
 
 STEPS = 5
-CASES = [(fam, mode) for fam in ("cogvideox", "latte", "mochi") for mode in ("attention", "residual")]
+CASES = [(fam, mode) for fam in ("cogvideox", "latte", "mochi", "allegro") for mode in ("attention", "residual")]
 
 
 def _faster(pipe, fam) -> FasterCacheConfig:
