@@ -27,6 +27,7 @@ from ..weak.batch import cond_half, map_per_sample, take
 from . import caches
 from .config import STRATEGIES, LayerSpec
 from .stash_guard import StashVersions
+from .threads import PassOwner
 from ..weak.hooks import PerturbationState, install, uninstall
 from ..weak.model import check_mode, install_layer_hooks, resolve_layers, unwrap
 
@@ -183,6 +184,7 @@ class PerturbedBranch:
         self.prefix: Optional[PrefixState] = None
         self.join: Optional[JoinState] = None
         self._modes = tuple(modes)
+        self.passes = PassOwner(type(self.model).__name__)  # one thread at a time in this denoiser's passes
         try:
             for mode in modes:
                 for index, lay in sorted(by_index.items()):
@@ -214,6 +216,7 @@ class PerturbedBranch:
     def live(self, mode: str, spec: LayerSpec, rows: Optional[slice] = None) -> Iterator[None]:
         """The perturbation of `mode` at `spec` is live inside (on `rows` of each call only, if given)."""
         states = [self._states[(mode, i)] for i in self._layers[_key(spec)]]
+        self.passes.enter()
         for state in states:
             state.active, state.rows = True, rows
         try:
@@ -221,6 +224,7 @@ class PerturbedBranch:
         finally:
             for state in states:
                 state.active, state.rows = False, None
+            self.passes.exit()
 
     def _foreign_block_hooks(self) -> bool:
         """Other hooks on the blocks (diffusers' caches, offloading) may keep per-block state or expect every
@@ -245,12 +249,16 @@ class PerturbedBranch:
     def reuse(self, spec: LayerSpec, halve: bool, n_rows: int = 0) -> Iterator[None]:
         """Around the stock pass and the perturbed passes of one call (see the module docstring); `n_rows`: the
         stock call's batch size (needed by strategy="batched")."""
-        if self.join is not None and not self._foreign_block_hooks():
-            with self._joined(spec, halve, n_rows):
+        self.passes.enter()
+        try:
+            if self.join is not None and not self._foreign_block_hooks():
+                with self._joined(spec, halve, n_rows):
+                    yield
+                return
+            with self.idle(spec, halve):
                 yield
-            return
-        with self.idle(spec, halve):
-            yield
+        finally:
+            self.passes.exit()
 
     @contextmanager
     def idle(self, spec: LayerSpec, halve: bool) -> Iterator[None]:
@@ -258,17 +266,21 @@ class PerturbedBranch:
         stock pass does, so a compiled model runs the same compiled code whether the step is guided or not (the
         stash holds references to tensors the call has anyway, until it returns)."""
         state = self.prefix
-        if state is None or self._foreign_block_hooks():
-            yield
-            return
-        state.halve, state.stash, state.versions = halve, None, None
-        state.start = self._start(spec)
-        state.set_phase("stash")
+        self.passes.enter()
         try:
-            yield
+            if state is None or self._foreign_block_hooks():
+                yield
+                return
+            state.halve, state.stash, state.versions = halve, None, None
+            state.start = self._start(spec)
+            state.set_phase("stash")
+            try:
+                yield
+            finally:
+                state.set_phase("off")
+                state.stash = state.versions = None
         finally:
-            state.set_phase("off")
-            state.stash = state.versions = None
+            self.passes.exit()
 
     @contextmanager
     def _joined(self, spec: LayerSpec, halve: bool, n_rows: int) -> Iterator[None]:

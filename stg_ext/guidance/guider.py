@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import weakref
 from contextlib import ExitStack
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -52,6 +53,8 @@ from . import caches
 from .attached import forget, record, session_of
 from .branch import PerturbedBranch
 from .config import StepSettings, STGConfig
+from .loop import pipeline_of
+from .threads import check_run_owner
 from ..ops import combine
 from ..weak.adapters import get_adapter
 from ..weak.model import check_mode, resolve_layers, unwrap
@@ -149,6 +152,10 @@ class STGGuidance(BaseGuidance):
         return cached[1]
 
     def set_state(self, step: int, num_inference_steps: int, timestep: torch.LongTensor) -> None:
+        # One sampling run at a time (threads.py): another thread still inside the pipeline's call is an error.
+        check_run_owner(getattr(self, "_thread", None), lambda f: getattr(pipeline_of(f), "guider", None) is self,
+                        "the pipeline of this STGGuidance")
+        self._thread = threading.get_ident()
         super().set_state(step, num_inference_steps, timestep)
         self._close_live()
         if num_inference_steps is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import itertools
 import sys
+import threading
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Callable, Dict, List, Optional
@@ -27,8 +28,11 @@ from typing import Any, Callable, Dict, List, Optional
 import diffusers
 from torch import nn
 
+from .threads import check_run_owner
+
 _ABSENT = object()
 _RUN_SERIAL = itertools.count(1)
+_START_LOCK = threading.Lock()  # a run's start checks and takes the tracker's run at once
 
 
 def is_pipeline(obj: Any) -> bool:
@@ -43,6 +47,11 @@ def _frame_pipeline(frame: FrameType) -> Any:
         return None
     owner = frame.f_locals.get("self")
     return owner if is_pipeline(owner) else None
+
+
+def pipeline_of(frame: FrameType) -> Any:
+    """The pipeline whose method `frame` runs, or None."""
+    return _frame_pipeline(frame)
 
 
 def innermost_pipeline_frame(start: Optional[FrameType] = None) -> Optional[FrameType]:
@@ -108,6 +117,7 @@ class Run:
     values: Dict[str, Any]      # what the spec read at the run's start (spec.start_run)
     count: int = 0              # steps finished so far: the current step's index
     extra: Dict[str, Any] = field(default_factory=dict)
+    thread: Optional[int] = None  # the thread sampling it (threads.py: a second thread at once is an error)
 
 
 class _MethodWrapper:
@@ -185,9 +195,17 @@ class LoopTracker:
         self.start_run(frame.f_locals, count=0)
         return out
 
+    def _check_thread(self) -> None:
+        run = self.run
+        if run is not None:
+            check_run_owner(run.thread, self._ours, type(self.pipe).__name__)
+
     def start_run(self, frame_locals: Optional[Dict[str, Any]], count: int) -> Run:
-        found = read_run_locals(self.pipe, self.spec.run_locals, frame_locals)
-        self.run = Run(next(_RUN_SERIAL), self.spec.start_run(self.pipe, found), count=count)
+        with _START_LOCK:
+            self._check_thread()
+            found = read_run_locals(self.pipe, self.spec.run_locals, frame_locals)
+            self.run = Run(next(_RUN_SERIAL), self.spec.start_run(self.pipe, found), count=count,
+                           thread=threading.get_ident())
         for listener in list(self.listeners):
             listener()
         return self.run
@@ -195,6 +213,7 @@ class LoopTracker:
     def _count(self) -> None:
         run = self.run
         if run is not None and self._ours(innermost_pipeline_frame(sys._getframe(1))):
+            self._check_thread()
             run.count += 1
 
     def _on_step(self, original: Callable, *args, **kwargs):
