@@ -31,6 +31,10 @@ From the level "lo" the sample has after step b to the level "hi" at which step 
 - Variance exploding / EDM (`EulerDiscreteScheduler`, `EulerAncestralDiscreteScheduler`, `EDMEulerScheduler`:
   SVD, Allegro, ...): x_sigma = x0 + sigma eps, lo = sigma_{b+1}, hi = sigma_a:
       x_hi = x_lo + sqrt(hi^2 - lo^2) eps.
+- UniPC / DPM-Solver multistep (`UniPCMultistepScheduler`, `DPMSolverMultistepScheduler`: Wan's and SkyReels-V2's
+  defaults), flow sigmas or VP: x = alpha x0 + sigma eps from the scheduler's `_sigma_to_alpha_sigma_t`:
+      x_hi = r x_lo + sqrt(sigma_hi^2 - r^2 sigma_lo^2) eps,   r = alpha_hi / alpha_lo,
+  and each restart pass starts the solver's history afresh (see `_Multistep`).
 - Variance preserving / DDPM (`DDIMScheduler`, `CogVideoXDDIMScheduler`, `DDPMScheduler`: CogVideoX, Latte, ...):
   x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, hi = abar(t_a), lo = the abar the scheduler's step b lands on
   (DDIM: abar(t_b - T // n) or its final_alpha_cumprod; DDPM: abar of its previous timestep, or 1):
@@ -69,9 +73,9 @@ re-noising maps the marginal after step b onto the marginal entering step a; rem
 
 Limitations
 -----------
-- Single-step schedulers of the three families only: multistep solvers (UniPC, DPM-Solver++, CogVideoX's
-  CogVideoXDPMScheduler, SkyReels-V2's default UniPC, ...) keep a history of model outputs that a restart would
-  invalidate (TypeError naming the supported classes).
+- Multistep solvers: UniPC and DPM-Solver multistep (Wan's and SkyReels-V2's default UniPC included) are
+  supported, each restart pass starting the solver's history afresh (`_Multistep`); other multistep solvers
+  (CogVideoX's CogVideoXDPMScheduler, DEIS, ...) get a TypeError naming the supported classes.
 - The pipeline's loop must call `step` once per entry of the timesteps it got from the scheduler, in order
   (every diffusers video pipeline does; a mismatch raises RuntimeError); `per_token_timesteps` is not supported.
 - A pipeline's loop index `i` and `pipe._num_timesteps` count the extended loop (N + K*m), and so does what reads
@@ -195,7 +199,37 @@ class _VariancePreserving(_Family):
         return math.sqrt(ratio), math.sqrt(1.0 - ratio)
 
 
-_FAMILIES = (_FlowMatching(), _VarianceExploding(), _VariancePreserving())
+class _Multistep(_Family):
+    """UniPC and DPM-Solver multistep (flow sigmas or VP): x_t = alpha_t x0 + sigma_t eps, with (alpha_t, sigma_t)
+    from the scheduler's own `_sigma_to_alpha_sigma_t` of its `sigmas` (flow: 1 - s, s; VP: sigma = sqrt((1 - abar)
+    / abar)); lo = the level after step b, hi = the level entering step a:
+        x_hi = r x_lo + sqrt(sigma_hi^2 - r^2 sigma_lo^2) eps,   r = alpha_hi / alpha_lo.
+    The solver's history (model outputs, the corrector's last sample, the warm-up order count) belongs to the
+    trajectory it was built on: each restart pass starts it afresh, as set_timesteps leaves it (a fresh solve of
+    the segment from the re-noised sample, first order at its first step), and the steps after the segment go on
+    with the history of the last pass."""
+
+    name = "multistep (UniPC / DPM-Solver)"
+    classes = ("UniPCMultistepScheduler", "DPMSolverMultistepScheduler")
+    history = ("model_outputs", "timestep_list", "lower_order_nums", "last_sample", "this_order")
+
+    def levels(self, s, n):
+        return [_f(s.sigmas[i]) for i in range(n)]
+
+    def coefficients(self, s, a, b):
+        alpha_hi, sigma_hi = (_f(v) for v in s._sigma_to_alpha_sigma_t(s.sigmas[a].double()))
+        alpha_lo, sigma_lo = (_f(v) for v in s._sigma_to_alpha_sigma_t(s.sigmas[b + 1].double()))
+        r = alpha_hi / alpha_lo
+        return r, math.sqrt(max(sigma_hi * sigma_hi - r * r * sigma_lo * sigma_lo, 0.0))
+
+
+_FAMILIES = (_FlowMatching(), _VarianceExploding(), _VariancePreserving(), _Multistep())
+
+
+def _history(scheduler) -> Dict[str, Any]:
+    """The solver state a restart pass starts from (multistep schedulers; empty for the others)."""
+    names = getattr(_family_of(scheduler), "history", ())
+    return {name: copy.copy(getattr(scheduler, name)) for name in names if hasattr(scheduler, name)}
 SUPPORTED_SCHEDULERS: Tuple[str, ...] = tuple(c for fam in _FAMILIES for c in fam.classes)
 
 
@@ -205,10 +239,9 @@ def _family_of(scheduler) -> _Family:
             if cls.__name__ in fam.classes:
                 return fam
     raise TypeError(
-        f"stg_ext.apply_restart: {type(scheduler).__name__} is not supported. Restart needs a single-step scheduler "
-        f"whose forward process it can re-apply: {', '.join(SUPPORTED_SCHEDULERS)} (flow matching, EDM/VE, DDPM/VP). "
-        "Multistep solvers (UniPC, DPM-Solver, CogVideoXDPMScheduler, ...) keep a history that a restart would "
-        "invalidate; swap the pipeline's scheduler for one of these, e.g. "
+        f"stg_ext.apply_restart: {type(scheduler).__name__} is not supported. Restart needs a scheduler whose "
+        f"forward process it can re-apply: {', '.join(SUPPORTED_SCHEDULERS)} (flow matching, EDM/VE, DDPM/VP, "
+        "UniPC / DPM-Solver multistep); swap the pipeline's scheduler for one of these, e.g. "
         "pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config).")
 
 
@@ -299,6 +332,7 @@ class _Run:
         self.expected = [_f(t) for t in self.extended["timesteps"]]
         self.has_index = hasattr(scheduler, "_step_index")
         self.has_begin = hasattr(scheduler, "_begin_index")
+        self.fresh: Dict[str, Any] = {}  # multistep solvers: their state after set_timesteps (_history)
 
     def _map(self, position: Optional[int]) -> Optional[int]:
         if position is None:
@@ -456,6 +490,7 @@ class RestartHandle(Handle):
             return out
         generator = torch.Generator("cpu").manual_seed(int(self.seed)) if self.seed is not None else None
         self._run = _Run(self.scheduler, plan, generator)
+        self._run.fresh = _history(self.scheduler)
         self._run.show_extended(self.scheduler)
         return out
 
@@ -470,6 +505,8 @@ class RestartHandle(Handle):
         out = run.call_original(self.scheduler, original, args, kwargs, step_index=run.plan.order[pos])
         if pos in run.plan.renoise_after:
             out = with_prediction(out, self._renoise(run, prediction(out)))
+            for name, value in run.fresh.items():  # a multistep solver starts the restart pass afresh
+                setattr(self.scheduler, name, copy.copy(value))
         run.pos = pos + 1
         if run.pos == len(run.plan.order):  # done: leave the scheduler as a stock run leaves it
             run.show_original(self.scheduler, step_index=run.plan.steps)
