@@ -147,7 +147,9 @@ STG_HD SampleCoeffs<Acc> sample_coeffs(const Acc* sums, Acc n, const CombineScal
     const Acc mean_f = (sums[kSumA] + al * sums[kSumB]) / n;
     const Acc ef2 = (sums[kSumA2] + Acc(2) * al * sums[kSumAB] + al * al * sums[kSumB2]) / n;
     const Acc var_f = ef2 - mean_f * mean_f;
-    if (var_f > Acc(0)) {  // std(f) = 0 (a constant sample): factor 1
+    if (var_f != var_f || var_c != var_c) {  // a NaN or infinity in the sample: NaN, as the reference's std
+      out.factor = Acc(NAN);
+    } else if (var_f > Acc(0)) {  // std(f) = 0 (a constant sample): factor 1
       const Acc vc = var_c > Acc(0) ? var_c : Acc(0);
       const Acc ratio = Acc(sqrt(double(vc / var_f)));
       out.factor = Acc(s.rescale) * ratio + (Acc(1) - Acc(s.rescale));

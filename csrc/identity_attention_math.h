@@ -5,7 +5,7 @@
 // headers), so the CPU tests exercise the arithmetic the CUDA kernel runs.
 //
 // Every video query starts from its self key: running max m = the self logit, running sum l = 1 (its
-// weight exp(0)) and accumulator acc = v_i. Text keys then arrive in chunks; per chunk:
+// weight exp(0); NaN when the self logit is not finite) and accumulator acc = v_i. Text keys then arrive in chunks; per chunk:
 //   alpha = softmax_rescale(state, max of the chunk's logits)   -> acc *= alpha (when alpha != 1)
 //   w_t   = softmax_weight(logit_t, state)                       -> acc += w_t v_t
 //   softmax_add(state, sum_t w_t)
@@ -35,10 +35,12 @@ struct SoftmaxState {
 };
 
 // The state after the self key alone: its weight is exp(self - m) = 1. The caller sets acc = v_i.
+// A self logit that is NaN or infinite (a NaN or infinity in q_i or k_i) makes the softmax NaN, as the
+// reference's: l = NaN, so the output is NaN whatever the text keys are (T = 0 included).
 STG_HD SoftmaxState softmax_start(float self_logit) {
   SoftmaxState s;
   s.m = self_logit;
-  s.l = 1.0f;
+  s.l = (self_logit - self_logit == 0.0f) ? 1.0f : NAN;
   return s;
 }
 

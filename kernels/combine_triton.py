@@ -187,6 +187,8 @@ def _coeffs_kernel(partial_ptr, coeffs_ptr, n_chunks, n_per_sample, rescale, ORT
         # rescale arrives as fp32 (a float argument), as the C++ op's CombineScalars holds it
         r = (tl.zeros([1], dtype=tl.float32) + rescale).to(tl.float64)
         factor = tl.where(spread, r * ratio + (1.0 - r), factor)
+        # a NaN or infinity in the sample makes its variance NaN: the factor is NaN, as the reference's std
+        factor = tl.where((var_f != var_f) | (var_c != var_c), float("nan"), factor)
     one = tl.arange(0, 1)
     tl.store(coeffs_ptr + 2 * b + one, alpha.to(tl.float32))
     tl.store(coeffs_ptr + 2 * b + 1 + one, factor.to(tl.float32))

@@ -102,7 +102,8 @@ def _identity_attention_kernel(
                 other=0.0)
     # The self key: softmax_start (m = self logit, l = 1) and acc = v_i.
     m_i = tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1) * scale
-    l_i = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
+    # a self logit that is NaN or infinite makes the softmax NaN, as the reference's (softmax_start)
+    l_i = tl.where(m_i - m_i == 0.0, 1.0, float("nan")).to(tl.float32)
     acc = tl.load(v_ptr + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d, mask=mask_nd,
                   other=0.0).to(tl.float32)
     if DOT_F32:

@@ -117,6 +117,11 @@ def combine(
     rescale = _real(rescale, "rescale")
     if not 0.0 <= rescale <= 1.0:
         raise ValueError(f"stg_ext.combine: rescale must be in [0, 1], got {rescale}")
+    exact = rescale == 0.0 and all(s == 0.0 for s in scales)  # the documented stock path (below)
+    if cond.dim() <= 1:
+        # Each sample is one element (or the tensor a scalar): its spread is 0 by definition, so the rescale factor
+        # is 1 (the reference's rule), also for an infinite element, whose variance the kernels would make NaN.
+        rescale = 0.0
     if orthogonalize and len(plist) != 2:
         raise ValueError("stg_ext.combine: orthogonalize=True needs perturbed=(p_spatial, p_temporal), "
                          f"got {len(plist)} perturbed tensor(s)")
@@ -125,7 +130,7 @@ def combine(
     g = _check_cfg(cfg_scale, cond, fold, cfg_checked)
     chosen = _resolve_backend(backend, cond, len(plist))
 
-    if rescale == 0.0 and all(s == 0.0 for s in scales):
+    if exact:
         # Exactly the stock pipeline's result: no fp32 round trip, no fused arithmetic.
         return cond.clone() if fold else cfg_reference(cond, uncond, g)
 
