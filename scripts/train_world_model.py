@@ -1,14 +1,20 @@
 #!/usr/bin/env python
 """Train the world model (stock WanPipeline parts) on stg_ext.world's train split, and save it.
 
-    .venv/bin/python scripts/train_world_model.py --work /tmp/world_run --out stg_ext/world/model
+    .venv/bin/python scripts/train_world_model.py --work /work/world_work/run --out stg_ext/world/model
+
+(the TrainConfig defaults are the shipped run's; one thread.)
 
 Phases: render the training clips; train the VAE (AutoencoderKLWan); encode every clip to latents with it
 and set its latents_mean/std; fine-tune its decoder alone on whole clips (the latents do not change); encode the prompts with the frozen UMT5 encoder through
 WanPipeline.encode_prompt; train the transformer by flow matching (EMA weights are the ones saved). Every
 --checkpoint-every steps the EMA pipeline is saved to WORK/latest (save_pretrained) with a sample grid
 (WORK/samples_<step>.png) and the loss plot, so a stopped run leaves a usable model. At the end the pipeline
-goes to --out and the loss plot to --plot. `--resume` reuses WORK's trained VAE and latents.
+goes to --out and the loss plot to --plot. `--resume` reuses WORK's trained VAE and latents (the VAE phase is
+seeded on its own, so a resumed run's transformer is the one the full command would train). At every checkpoint
+and at the end, --monitor-prompts held-out prompts (the sweep split) are sampled with CFG and read by the world
+classifier (stg_ext.world.monitor; chance for all three of shape, color, motion: 0.7%), and real clips of the same
+prompts through the trained VAE once: the figures go to loss.csv, the plot and the model's stg_ext.json.
 """
 from __future__ import annotations
 
@@ -21,8 +27,12 @@ from pathlib import Path
 
 import torch
 
+from stg_ext.world import classifier as world_classifier
+from stg_ext.world import monitor
 from stg_ext.world import train as W
 from stg_ext.world.model import CALL_DEFAULTS, assemble, build_parts
+from stg_ext.world.render import render
+from stg_ext.world.scene import spec_for_prompt
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,7 +50,8 @@ def plot_losses(rows, path: Path) -> None:
     vae = [r for r in rows if r["phase"] == "vae"]
     dec = [r for r in rows if r["phase"] == "decoder"]
     tr = [r for r in rows if r["phase"] == "transformer"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    held = [r for r in rows if r["phase"] == "heldout"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
     if vae:
         axes[0].plot([r["step"] for r in vae], [r["mse"] for r in vae], label="MSE (9-frame windows)")
         axes[0].plot([r["step"] for r in vae], [r["l1"] for r in vae], label="L1")
@@ -58,6 +69,13 @@ def plot_losses(rows, path: Path) -> None:
         axes[1].legend()
     axes[1].set_title("transformer flow-matching loss")
     axes[1].set_xlabel("step")
+    for key in ("all", "shape", "color", "motion"):
+        axes[2].plot([r["step"] for r in held], [r[key] for r in held], marker="o", label=key)
+    axes[2].axhline(1 / 140, color="gray", lw=0.8, ls=":", label="chance (all)")
+    axes[2].set_ylim(0, 1)
+    axes[2].legend(fontsize=8)
+    axes[2].set_title("held-out prompt adherence of samples (EMA, CFG)", fontsize=10)
+    axes[2].set_xlabel("transformer step")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -90,6 +108,8 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true", help="reuse WORK/vae and WORK/latents.pt")
     p.add_argument("--no-samples", action="store_true")
     p.add_argument("--stop-after-vae", action="store_true", help="train and save the VAE (WORK/vae), then stop")
+    p.add_argument("--monitor-prompts", type=int, default=32,
+                   help="held-out prompts (sweep split) sampled and classified at every checkpoint")
     for f in fields(W.TrainConfig):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     args = p.parse_args(argv)
@@ -99,7 +119,12 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.json").write_text(json.dumps(W.config_dict(cfg), indent=1))
     say(f"config {W.config_dict(cfg)}")
-    log = W.Log(work / "loss.csv", ["phase", "step", "loss", "mse", "l1", "smooth", "lr", "seconds"])
+    log = W.Log(work / "loss.csv", ["phase", "step", "loss", "mse", "l1", "smooth", "lr", "seconds",
+                                    "all", "shape", "color", "motion"])
+    classifier = world_classifier.load(world_classifier.CLASSIFIER_PATH)
+    watch = monitor.monitor_prompts(args.monitor_prompts)
+    watch_real = torch.stack([torch.from_numpy(render(spec_for_prompt(p_, 77_000 + i)).video).permute(3, 0, 1, 2)
+                              for i, p_ in enumerate(watch)])
 
     t0 = time.perf_counter()
     data = W.render_dataset(cfg.clips, cfg.seed)
@@ -111,6 +136,7 @@ def main(argv=None) -> int:
 
         parts["vae"] = AutoencoderKLWan.from_pretrained(work / "vae").eval()
         latents = torch.load(work / "latents.pt")
+        vae_time = 60 * json.loads((work / "vae_phase.json").read_text())["vae_minutes"]
         say("resumed the VAE and latents")
     else:
         t0 = time.perf_counter()
@@ -131,6 +157,7 @@ def main(argv=None) -> int:
             say(f"decoder fine-tuned {done} steps in {(time.perf_counter() - t0) / 60:.1f} min")
         parts["vae"].save_pretrained(work / "vae")
         torch.save(latents, work / "latents.pt")
+        (work / "vae_phase.json").write_text(json.dumps(dict(vae_minutes=round(vae_time / 60, 2))))
     if args.stop_after_vae:
         plot_losses(log.rows, work / "loss.png")
         return 0
@@ -142,6 +169,10 @@ def main(argv=None) -> int:
         rec = vae.decode(latents[:32]).sample
     vae_mse = float((rec - data["videos"][:32]).pow(2).mean())
     say(f"VAE reconstruction MSE on 32 training clips: {vae_mse:.5f}")
+    vae_adh = monitor.vae_adherence(vae, classifier, watch_real, watch)
+    real_adh = monitor.adherence(classifier, watch_real, watch)
+    log.add(phase="vae_adherence", step=0, **vae_adh)
+    say(f"adherence of {len(watch)} held-out real clips: as drawn {real_adh}, through the VAE {vae_adh}")
 
     pipe = assemble(parts)
     pipe.set_progress_bar_config(disable=True)
@@ -151,22 +182,34 @@ def main(argv=None) -> int:
     say(f"{len(embeds)} distinct prompts encoded, text {tuple(text.shape)}")
 
     meta = dict(seed=cfg.seed, train_config=W.config_dict(cfg), vae_reconstruction_mse=vae_mse,
+                vae_adherence=dict(vae_adh, prompts=len(watch), split="sweep"),
                 command="scripts/train_world_model.py " + " ".join(sys.argv[1:] if argv is None else argv))
+
+    def watch_samples(ema, step):
+        pipe_ = assemble(dict(parts, transformer=ema))
+        pipe_.set_progress_bar_config(disable=True)
+        adh = monitor.sample_adherence(pipe_, classifier, watch)
+        log.add(phase="heldout", step=step, **adh)
+        return adh
 
     def checkpoint(ema, step):
         t = time.perf_counter()
         W.save_pipeline(parts, ema, work / "latest", dict(meta, transformer_steps=step))
+        adh = watch_samples(ema, step)
         plot_losses(log.rows, work / "loss.png")
         if not args.no_samples:
             sample_grid(assemble(dict(parts, transformer=ema)), work / f"samples_{step:05d}.png")
-        say(f"checkpoint at step {step} ({time.perf_counter() - t:.0f}s)")
+        say(f"checkpoint at step {step} ({time.perf_counter() - t:.0f}s): held-out adherence {adh}")
 
     t0 = time.perf_counter()
     ema, last = W.train_transformer(parts["transformer"], norm, text, empty, cfg, log, say, checkpoint)
     tr_time = time.perf_counter() - t0
     say(f"transformer trained {last + 1} steps in {tr_time / 60:.1f} min")
+    final_adh = watch_samples(ema, last + 1)
+    say(f"held-out adherence of the final EMA model: {final_adh}")
     meta.update(transformer_steps=last + 1, vae_minutes=round(vae_time / 60, 2),
-                transformer_minutes=round(tr_time / 60, 2),
+                transformer_minutes=round(tr_time / 60, 2), threads=cfg.threads,
+                heldout_adherence=dict(final_adh, prompts=len(watch), split="sweep"),
                 final_loss_smoothed=[r for r in log.rows if r["phase"] == "transformer"][-1]["smooth"])
     W.save_pipeline(parts, ema, args.out, meta)
     args.plot.parent.mkdir(parents=True, exist_ok=True)
