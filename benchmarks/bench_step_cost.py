@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import statistics
 import time
@@ -280,7 +281,20 @@ def compile_model(model: torch.nn.Module, how: str) -> None:
                 block.compile()
 
 
-def run_compiled(names: List[str], repeats: int, frames: int, how: str, depth: Optional[int]) -> List[dict]:
+def geometry(name: str, depth: Optional[int] = None, layer: Optional[int] = None) -> Geometry:
+    """A benchmark geometry, optionally with about `depth` blocks and the perturbed block at `layer` (families with
+    one block list)."""
+    g = GEOMETRIES[name] if depth is None else GEOMETRIES[name].at_depth(depth)
+    if layer is not None:
+        if len(g.lists) != 1 or not 0 <= layer < g.n_layers:
+            raise SystemExit(f"--layer {layer}: {g.name} has {g.n_layers} blocks in {len(g.lists)} list(s); "
+                             "--layer takes a block of a one-list family")
+        g = dataclasses.replace(g, layer=layer, list_index=layer, name=f"{g.name}:l{layer}")
+    return g
+
+
+def run_compiled(names: List[str], repeats: int, frames: int, how: str, depth: Optional[int] = None,
+                 layer: Optional[int] = None) -> List[dict]:
     """As `run`, with each part on its own compiled copy of the model, set up once (no reinstallation between
     rounds: a compiled model keeps its code)."""
     # Every part's copy shares the blocks' code objects, hence one dynamo cache: with STG installed on several copies
@@ -289,7 +303,7 @@ def run_compiled(names: List[str], repeats: int, frames: int, how: str, depth: O
     torch._dynamo.config.recompile_limit = 64
     rows = []
     for name in names:
-        g = GEOMETRIES[name] if depth is None else GEOMETRIES[name].at_depth(depth)
+        g = geometry(name, depth, layer)
         torch.manual_seed(0)
         base = g.build().eval()
         # only the parts the family's calling convention uses (diffusers' layer skip is not timed compiled)
@@ -332,12 +346,13 @@ def run_compiled(names: List[str], repeats: int, frames: int, how: str, depth: O
     return rows
 
 
-def run(names: List[str], repeats: int, frames: int, memory: bool) -> List[dict]:
+def run(names: List[str], repeats: int, frames: int, memory: bool, depth: Optional[int] = None,
+        layer: Optional[int] = None) -> List[dict]:
     """Times every part of a (model, mode) in rounds, one call of each part per round (a load change on a shared
     machine then hits all parts alike), and takes the median over the rounds after the first (warm-up)."""
     rows = []
     for name in names:
-        g = GEOMETRIES[name]
+        g = geometry(name, depth, layer)
         torch.manual_seed(0)
         model = g.build().eval()
         for mode in MODES:
@@ -362,7 +377,7 @@ def run(names: List[str], repeats: int, frames: int, memory: bool) -> List[dict]
                         if fn is not None:
                             fn.cleanup()
             t = {part: statistics.median(v) for part, v in samples.items()}
-            row = _row(name, g, mode, frames, step_times(g, mode, t))
+            row = _row(g.name, g, mode, frames, step_times(g, mode, t))
             if memory:
                 # Transient tensor memory of one call (MiB): CFG's call, and the STG call (stock pass + perturbed
                 # branch + combine) of each strategy, in the family's convention.
@@ -423,16 +438,17 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     parser.add_argument("--quick", action="store_true", help="1 repeat, 1 latent frame")
     parser.add_argument("--compile", default="none", choices=("none", "whole", "regional"),
                         help="time the denoiser compiled with inductor: whole (model.compile()) or regional")
-    parser.add_argument("--depth", type=int, help="with --compile: about this many blocks per model (each block list "
-                                                  "shortened in proportion, the layer at the same relative depth)")
+    parser.add_argument("--depth", type=int, help="about this many blocks per model (each block list shortened in "
+                                                  "proportion, the layer at the same relative depth)")
+    parser.add_argument("--layer", type=int, help="the perturbed block (one-list families; after --depth)")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.frames = 1, 1
     if args.compile == "none":
-        rows = run(args.models, args.repeats, args.frames, args.memory)
+        rows = run(args.models, args.repeats, args.frames, args.memory, args.depth, args.layer)
         name = "step_cost"
     else:
-        rows = run_compiled(args.models, args.repeats, args.frames, args.compile, args.depth)
+        rows = run_compiled(args.models, args.repeats, args.frames, args.compile, args.depth, args.layer)
         name = f"step_cost_{args.compile}"
     write_csv(rows, args.out, f"{name}.csv")
     plot(rows, args.out, name, args.compile)
