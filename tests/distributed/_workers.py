@@ -17,7 +17,7 @@ STEPS = 3
 # --- context parallel (diffusers' enable_parallelism, Ulysses) ---------------------------------------------------
 
 #: Tiny families with a `_cp_plan` that apply_stg drives (LTX-2 runs its own STG: apply_stg refuses it).
-CP_FAMILIES = ("wan", "wan22", "ltx", "ltx_i2v")
+CP_FAMILIES = ("wan", "wan22", "ltx", "ltx_i2v", "ltx2")
 
 
 def _quiet():
