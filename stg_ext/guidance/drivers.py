@@ -238,7 +238,11 @@ class SeparateDriver:
             return call.forward(*call.args, **call.kwargs)
         if call.role == "uncond":
             self.expect_uncond = None
-            return self._uncond(call, call.forward(*call.args, **call.kwargs), step)
+            # The stash as in the cond call (references only, dropped on return): a compiled model runs one graph
+            # for both calls instead of a third one.
+            with call.branch.idle(call.settings.layer if call.settings is not None else call.idle_layer, halve=False):
+                out = call.forward(*call.args, **call.kwargs)
+            return self._uncond(call, out, step)
         # Cleared first and set only once the cond call has returned: an exception (or Ctrl-C) inside it must not
         # leave the next run's cond call taken for an uncond call.
         self.expect_uncond, self.pending = None, None
