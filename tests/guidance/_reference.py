@@ -176,3 +176,16 @@ class ReferenceSampler:
         f = formula(u, pred, ps, g, gd).to(pred.dtype)
         self.pending = f
         return _with(out, f)
+
+
+def tiny_wan_call():
+    """The tiny Wan denoiser of the weak-model tests (seed 0) and one call's inputs: latents, negative and positive
+    text embeddings (seed 3)."""
+    from tests.weak.models import test_wan
+
+    torch.manual_seed(0)
+    model = test_wan.TestWanT2V.case.build()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 4, 3, 8, 8, generator=gen)
+    neg, pos = torch.randn(2, 1, 8, 32, generator=gen)
+    return model, x, neg, pos

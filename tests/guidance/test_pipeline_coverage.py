@@ -26,7 +26,7 @@ from stg_ext.testing.tiny import CFG_SCALE, tiny_pipeline
 from tests.weak.models import test_allegro, test_easyanimate, test_ltx, test_wan
 
 from . import test_guided_sampling as guided
-from ._reference import Guidance, ReferenceSampler, formula
+from ._reference import Guidance, ReferenceSampler, formula, tiny_wan_call
 
 TOL = guided.TOL
 STEPS = 3
@@ -514,12 +514,7 @@ def test_first_block_cache_enabled_after_stg_survives_remove(fbc_stock):
 
 @pytest.fixture(scope="module")
 def wan_model():
-    torch.manual_seed(0)
-    model = test_wan.TestWanT2V.case.build()
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(1, 4, 3, 8, 8, generator=gen)
-    neg, pos = torch.randn(2, 1, 8, 32, generator=gen)
-    return model, x, neg, pos
+    return tiny_wan_call()
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from torch import nn
 
+from tests.guidance._reference import SHARED, _pred, _second_half, _with
 from tests.weak.models import (test_allegro, test_cogvideox, test_easyanimate, test_hunyuan_video, test_hunyuan_video15,
                                test_latte, test_ltx, test_mochi, test_wan)
 
@@ -56,32 +57,7 @@ def perturbation(fam: Family, mode: str) -> Callable[[nn.Module, int], None]:
     return refs[mode]
 
 
-def _pred(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    return out[0] if isinstance(out, (tuple, list)) else out.sample
 
-
-def _with(out, new):
-    if isinstance(out, torch.Tensor):
-        return new
-    if isinstance(out, (tuple, list)):
-        return (new, *out[1:])
-    out.sample = new
-    return out
-
-
-SHARED = ("image_rotary_emb", "rotary_emb")
-
-
-def _second_half(value, batch: int):
-    if isinstance(value, torch.Tensor):
-        return value[batch // 2:] if value.dim() and value.shape[0] == batch else value
-    if isinstance(value, dict):
-        return {k: _second_half(v, batch) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_second_half(v, batch) for v in value)
-    return value
 
 
 class CachedReference:

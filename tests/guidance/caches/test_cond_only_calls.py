@@ -13,8 +13,8 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 import stg_ext
-from tests.weak.models import test_wan
 
+from .._reference import tiny_wan_call
 from ._reference import FAMILIES, perturbation
 
 G, S = 4.0, 1.5
@@ -44,12 +44,7 @@ class CondOnlyEveryOtherCall(ModelHook):
 
 @pytest.fixture(scope="module")
 def wan():
-    torch.manual_seed(0)
-    model = test_wan.TestWanT2V.case.build()
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(1, 4, 3, 8, 8, generator=gen)
-    neg, pos = torch.randn(2, 1, 8, 32, generator=gen)
-    return model, x, neg, pos
+    return tiny_wan_call()
 
 
 @pytest.mark.parametrize("mode", ["attention", "residual"])

@@ -48,8 +48,8 @@ def case(name, **config):
                      layer_paths=path)
 
 
-class TestHunyuanVideo(WeakModelTests):
-    case = case("hunyuan-video")
+class TwoBlockLists:
+    """HunyuanVideo's block lists (2 dual-stream, then 2 single-stream), shared by the models built of its blocks."""
 
     def _layers(self):
         return [0, 1, 2, 3]  # both dual and both single blocks
@@ -59,6 +59,14 @@ class TestHunyuanVideo(WeakModelTests):
         for i in range(4):
             assert [lay.index for lay in stg_ext.resolve_layers(adapter, model, path(i))] == [i]
             assert stg_ext.resolve_layers(adapter, model, i)[0].modules == (block(model, i),)
+
+
+class TestHunyuanVideo(TwoBlockLists, WeakModelTests):
+    case = case("hunyuan-video")
+
+    def test_two_lists_in_execution_order(self, model):
+        super().test_two_lists_in_execution_order(model)
+        adapter = stg_ext.weak.adapters.get_adapter(model)
         assert [lay.index for lay in stg_ext.resolve_layers(adapter, model, [-2, "transformer_blocks.0"])] == [2, 0]
 
 

@@ -5,10 +5,8 @@ boolean key mask."""
 import torch
 from diffusers import HunyuanVideoFramepackTransformer3DModel
 
-import stg_ext
-
 from ._harness import ModelCase, WeakModelTests
-from .test_hunyuan_video import block, identity_attn, path, skip_block
+from .test_hunyuan_video import TwoBlockLists, identity_attn, path, skip_block
 
 CONFIG = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
               num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=32,
@@ -27,17 +25,9 @@ def inputs():
                 indices_latents_history_4x=torch.tensor([7, 8, 9, 10]), guidance=torch.tensor([6000.0, 6000.0]))
 
 
-class TestHunyuanVideoFramepack(WeakModelTests):
+class TestHunyuanVideoFramepack(TwoBlockLists, WeakModelTests):
     case = ModelCase(name="hunyuan-video-framepack",
                      build=lambda: HunyuanVideoFramepackTransformer3DModel(**CONFIG).eval(),
                      inputs=inputs, n_layers=4, reference_residual=skip_block, reference_attention=identity_attn,
                      layer_paths=path)
 
-    def _layers(self):
-        return [0, 1, 2, 3]  # both dual and both single blocks
-
-    def test_two_lists_in_execution_order(self, model):
-        adapter = stg_ext.weak.adapters.get_adapter(model)
-        for i in range(4):
-            assert [lay.index for lay in stg_ext.resolve_layers(adapter, model, path(i))] == [i]
-            assert stg_ext.resolve_layers(adapter, model, i)[0].modules == (block(model, i),)
