@@ -268,17 +268,18 @@ def _row(name: str, g: Geometry, mode: str, frames: int, steps: Dict[str, Option
     return row
 
 
-def compile_model(model: torch.nn.Module, how: str) -> None:
+def compile_model(model: torch.nn.Module, how: str, backend: str = "inductor", fullgraph: bool = False) -> None:
     """`how`: "whole" (model.compile()) or "regional" (diffusers' compile_repeated_blocks where the family defines
-    its repeated blocks, else each block of its block lists)."""
+    its repeated blocks, with `fullgraph`; else each block of its block lists, never fullgraph: Mochi's attention
+    breaks its graph itself)."""
     if how == "whole":
-        model.compile()
+        model.compile(backend=backend)
     elif getattr(model, "_repeated_blocks", None):
-        model.compile_repeated_blocks()
+        model.compile_repeated_blocks(backend=backend, fullgraph=fullgraph)
     else:
         for name in ("transformer_blocks", "single_transformer_blocks", "blocks"):
             for block in getattr(model, name, []):
-                block.compile()
+                block.compile(backend=backend)
 
 
 def geometry(name: str, depth: Optional[int] = None, layer: Optional[int] = None) -> Geometry:

@@ -27,21 +27,11 @@ import stg_ext
 from stg_ext.testing.tiny import tiny_pipeline
 
 from _timing import write_csv
+from bench_step_cost import compile_model
 
 FAMILIES = ("wan", "ltx", "cogvideox", "hunyuan_video", "mochi")
 # (steps, apply_stg settings) of the runs after the first STG run
 LATER = ((4, dict(scale=2.0, stop=0.5)), (5, dict(rescale=0.7)))
-
-
-def compile_denoiser(model: torch.nn.Module, how: str, backend: str) -> None:
-    if how == "whole":
-        model.compile(backend=backend)
-    elif getattr(model, "_repeated_blocks", None):
-        model.compile_repeated_blocks(backend=backend, fullgraph=True)
-    else:  # no _repeated_blocks (Mochi, CogVideoX): each block compiled, not fullgraph (Mochi's attention breaks)
-        for blocks in ("transformer_blocks", "single_transformer_blocks", "blocks"):
-            for block in getattr(model, blocks, []):
-                block.compile(backend=backend)
 
 
 def issue_geometry_wan(tp) -> dict:
@@ -67,7 +57,7 @@ def probe(family: str, how: str, mode: str, layer: int, steps: int, backend: str
     counters.clear()
     tp = tiny_pipeline(family, vae=False)
     sizes = issue_geometry_wan(tp) if issue_geometry else {}
-    compile_denoiser(tp.pipe.transformer, how, backend)
+    compile_model(tp.pipe.transformer, how, backend, fullgraph=True)
 
     def run(n: int) -> None:
         with warnings.catch_warnings():
