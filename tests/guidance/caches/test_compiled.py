@@ -1,0 +1,90 @@
+"""STG with a diffusers cache on a compiled denoiser (issue 15): the latents equal the eager STG + cache run.
+
+Compiled whole (`torch.compile(transformer)`, assigned to the pipeline, or `transformer.compile()`) or regionally
+(`compile_repeated_blocks`: Wan and LTX define `_repeated_blocks`), with the backend aot_eager; the compile before or
+after apply_stg, the cache enabled before or after it. Regional compilation runs with fullgraph=False: with First Block
+Cache or Pyramid Attention Broadcast on its blocks, `compile_repeated_blocks(fullgraph=True)` fails without STG too
+(FBC's block hook is a `torch.compiler.disable`d call / an unsupported hasattr, PAB's timestep range test a
+data-dependent branch). FasterCache is not run here: it fails without STG on the separate-call Wan and on LTX.
+
+Tolerance 1e-5 x max|latents| (fp32), as tests/guidance/test_compile.py.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch._dynamo
+from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
+from torch._dynamo.utils import counters
+
+import stg_ext
+from stg_ext.testing.tiny import tiny_pipeline
+
+STEPS = 4
+TOL = 1e-5
+
+
+def _pab(pipe):
+    return PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
+                                           spatial_attention_timestep_skip_range=(-1, 10 ** 6),
+                                           current_timestep_callback=lambda: getattr(pipe, "current_timestep", 500))
+
+
+CACHES = {"fbc": lambda pipe: FirstBlockCacheConfig(threshold=0.3), "pab": _pab}
+# (family, cache, how, mode, order): order says what comes after apply_stg ("compile_last", "cache_last") or
+# that both come before it ("both_first").
+CASES = [("wan", "fbc", "wrapper", "attention", "both_first"), ("wan", "fbc", "regional", "residual", "compile_last"),
+         ("wan", "pab", "regional", "attention", "cache_last"), ("wan", "pab", "method", "residual", "both_first"),
+         ("ltx", "pab", "wrapper", "residual", "cache_last"), ("ltx", "fbc", "regional", "attention", "both_first"),
+         ("ltx", "fbc", "method", "residual", "compile_last")]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def _run(tp):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tp.pipe(**tp.call_kwargs(steps=STEPS)).frames
+
+
+def _compile(pipe, how):
+    model = pipe.transformer
+    if how == "wrapper":
+        pipe.transformer = torch.compile(model, backend="aot_eager")
+    elif how == "method":
+        model.compile(backend="aot_eager")
+    else:
+        model.compile_repeated_blocks(backend="aot_eager", fullgraph=False)
+
+
+@pytest.mark.parametrize("family,cache,how,mode,order", CASES, ids=["-".join(c) for c in CASES])
+def test_compiled_stg_with_cache_equals_eager(family, cache, how, mode, order):
+    eager = tiny_pipeline(family, vae=False)
+    uncached = _run(eager)
+    eager.pipe.transformer.enable_cache(CACHES[cache](eager.pipe))
+    assert not torch.equal(_run(eager), uncached), "the cache never changed a value: widen its settings"
+    with stg_ext.apply_stg(eager.pipe, 1, mode):
+        want = _run(eager)
+
+    tp = tiny_pipeline(family, vae=False)
+    if order != "compile_last":
+        _compile(tp.pipe, how)
+    if order != "cache_last":
+        tp.pipe.transformer.enable_cache(CACHES[cache](tp.pipe))
+    session = stg_ext.apply_stg(tp.pipe, 1, mode)
+    if order == "compile_last":
+        _compile(tp.pipe, how)
+    if order == "cache_last":
+        tp.pipe.transformer.enable_cache(CACHES[cache](tp.pipe))
+    got = _run(tp)
+    assert counters["stats"]["unique_graphs"] > 0, "nothing was compiled"
+    assert (got - want).abs().max() <= TOL * want.abs().max()
+    session.remove()
