@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from tests.guidance._reference import SHARED, _pred, _second_half, _with
-from tests.weak.models import (test_allegro, test_cogvideox, test_easyanimate, test_hunyuan_video, test_hunyuan_video15,
-                               test_latte, test_ltx, test_mochi, test_wan)
+from tests.weak.models import (test_allegro, test_cogvideox, test_cosmos, test_easyanimate, test_hunyuan_video,
+                               test_hunyuan_video15, test_latte, test_ltx, test_mochi, test_wan)
 
 
 @dataclass
@@ -33,6 +33,7 @@ class Family:
     cfg_key: Optional[str] = "guidance_scale"  # None: the pipeline's guider holds the CFG scale
     layer: int = 1
     tensor_format: str = "BCFHW"  # FasterCache's name for the latents' layout
+    cfg_offset: float = 0.0       # g = the pipeline's scale + this (Cosmos writes CFG as c + w (c - u): g = 1 + w)
 
 
 FAMILIES: Dict[str, Family] = {f.name: f for f in [
@@ -46,6 +47,8 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in [
     Family("easyanimate", test_easyanimate.TestEasyAnimate, "batched"),
     # Its guider (ClassifierFreeGuidance) calls the denoiser for pred_cond, then pred_uncond.
     Family("hunyuan_video15", test_hunyuan_video15.TestHunyuanVideo15, "separate", cfg_key=None),
+    # Separate calls, cond first, no cache_context.
+    Family("cosmos", test_cosmos.TestCosmosLearnablePosEmb, "separate", cfg_offset=1.0),
 ]}
 
 
@@ -125,6 +128,7 @@ class Pipeline:
         perturbation(self.fam, mode)(weak, self.fam.layer if layer is None else layer)
         key = self.fam.cfg_key
         g = float(self.tp.pipe.guider.guidance_scale if key is None else self.tp.call_kwargs(steps=steps)[key])
+        g += self.fam.cfg_offset
         ref = CachedReference(self.model, weak, self.fam.convention, g, s)
         try:
             return self.run(steps)

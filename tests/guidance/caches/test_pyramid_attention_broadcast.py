@@ -100,3 +100,30 @@ def test_apply_function_on_a_model_without_enable_cache(family, order):
     with session:
         out = other.run(STEPS)
     check(out, ref, stock)
+
+
+# Cosmos (Predict2): its transformer has no enable_cache and, of diffusers' caches, takes only PAB through
+# apply_pyramid_attention_broadcast: its block class is not in diffusers' block registry (First Block Cache,
+# MagCache), FasterCache fails on its call (IndexError), TaylorSeer needs a cache_context the pipeline never sets,
+# and SeaCache hooks Cosmos 3 only.
+@pytest.mark.parametrize("mode", ["attention", "residual"])
+@pytest.mark.parametrize("order", ["cache_first", "stg_first"])
+def test_cosmos_through_the_apply_function(mode, order):
+    from diffusers.hooks import apply_pyramid_attention_broadcast
+
+    pl = Pipeline(tiny_pipeline("cosmos", vae=False), FAMILIES["cosmos"])
+    apply_pyramid_attention_broadcast(pl.model, _pab(pl.tp.pipe))
+    stock = pl.run(STEPS)
+    assert not torch.equal(stock, Pipeline(tiny_pipeline("cosmos", vae=False), pl.fam).run(STEPS)), "never broadcast"
+    ref = pl.reference(mode, STEPS)
+    other = Pipeline(tiny_pipeline("cosmos", vae=False), pl.fam)  # the same seed: the same weights
+    if order == "stg_first":
+        session = stg_ext.apply_stg(other.tp.pipe, other.fam.layer, mode)
+        apply_pyramid_attention_broadcast(other.model, _pab(other.tp.pipe))
+    else:
+        apply_pyramid_attention_broadcast(other.model, _pab(other.tp.pipe))
+        session = stg_ext.apply_stg(other.tp.pipe, other.fam.layer, mode)
+    with session:
+        out = other.run(STEPS)
+    check(out, ref, stock)
+    assert torch.equal(other.run(STEPS), stock), "remove_stg left PAB changed"
