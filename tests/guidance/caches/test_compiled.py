@@ -5,7 +5,8 @@ Compiled whole (`torch.compile(transformer)`, assigned to the pipeline, or `tran
 after apply_stg, the cache enabled before or after it. Regional compilation runs with fullgraph=False: with First Block
 Cache or Pyramid Attention Broadcast on its blocks, `compile_repeated_blocks(fullgraph=True)` fails without STG too
 (FBC's block hook is a `torch.compiler.disable`d call / an unsupported hasattr, PAB's timestep range test a
-data-dependent branch). FasterCache is not run here: it fails without STG on the separate-call Wan and on LTX.
+data-dependent branch). FasterCache runs on CogVideoX and Mochi (compiled whole): without STG it fails on the
+separate-call Wan and on LTX.
 
 Tolerance 1e-5 x max|latents| (fp32), as tests/guidance/test_compile.py.
 """
@@ -16,29 +17,31 @@ import warnings
 import pytest
 import torch
 import torch._dynamo
-from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
+from diffusers import FirstBlockCacheConfig
 from torch._dynamo.utils import counters
 
 import stg_ext
 from stg_ext.testing.tiny import tiny_pipeline
 
+from ._reference import FAMILIES
+from .test_faster_cache import _faster
+from .test_pyramid_attention_broadcast import _pab
+
 STEPS = 4
 TOL = 1e-5
 
 
-def _pab(pipe):
-    return PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
-                                           spatial_attention_timestep_skip_range=(-1, 10 ** 6),
-                                           current_timestep_callback=lambda: getattr(pipe, "current_timestep", 500))
-
-
-CACHES = {"fbc": lambda pipe: FirstBlockCacheConfig(threshold=0.3), "pab": _pab}
+# (pipe, family) -> the cache's config
+CACHES = {"fbc": lambda pipe, family: FirstBlockCacheConfig(threshold=0.3), "pab": lambda pipe, family: _pab(pipe),
+          "faster": lambda pipe, family: _faster(pipe, FAMILIES[family])}
 # (family, cache, how, mode, order): order says what comes after apply_stg ("compile_last", "cache_last") or
 # that both come before it ("both_first").
 CASES = [("wan", "fbc", "wrapper", "attention", "both_first"), ("wan", "fbc", "regional", "residual", "compile_last"),
          ("wan", "pab", "regional", "attention", "cache_last"), ("wan", "pab", "method", "residual", "both_first"),
          ("ltx", "pab", "wrapper", "residual", "cache_last"), ("ltx", "fbc", "regional", "attention", "both_first"),
-         ("ltx", "fbc", "method", "residual", "compile_last")]
+         ("ltx", "fbc", "method", "residual", "compile_last"),
+         ("cogvideox", "faster", "wrapper", "attention", "both_first"),
+         ("mochi", "faster", "method", "residual", "cache_last")]
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +72,7 @@ def _compile(pipe, how):
 def test_compiled_stg_with_cache_equals_eager(family, cache, how, mode, order):
     eager = tiny_pipeline(family, vae=False)
     uncached = _run(eager)
-    eager.pipe.transformer.enable_cache(CACHES[cache](eager.pipe))
+    eager.pipe.transformer.enable_cache(CACHES[cache](eager.pipe, family))
     assert not torch.equal(_run(eager), uncached), "the cache never changed a value: widen its settings"
     with stg_ext.apply_stg(eager.pipe, 1, mode):
         want = _run(eager)
@@ -78,12 +81,12 @@ def test_compiled_stg_with_cache_equals_eager(family, cache, how, mode, order):
     if order != "compile_last":
         _compile(tp.pipe, how)
     if order != "cache_last":
-        tp.pipe.transformer.enable_cache(CACHES[cache](tp.pipe))
+        tp.pipe.transformer.enable_cache(CACHES[cache](tp.pipe, family))
     session = stg_ext.apply_stg(tp.pipe, 1, mode)
     if order == "compile_last":
         _compile(tp.pipe, how)
     if order == "cache_last":
-        tp.pipe.transformer.enable_cache(CACHES[cache](tp.pipe))
+        tp.pipe.transformer.enable_cache(CACHES[cache](tp.pipe, family))
     got = _run(tp)
     assert counters["stats"]["unique_graphs"] > 0, "nothing was compiled"
     assert (got - want).abs().max() <= TOL * want.abs().max()
