@@ -39,7 +39,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.ltx2 import LTX2TextConnectors
 from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
 
-__all__ = ["FAMILIES", "TinyPipeline", "tiny_pipeline"]
+__all__ = ["FAMILIES", "FamilySpec", "TinyPipeline", "hunyuan_call", "random_image", "seeded", "tiny_pipeline"]
 
 TEXT_LEN = 8  # tokens of the random prompt embeddings, and the tokenizer's max length
 CFG_SCALE = 4.5
@@ -60,7 +60,7 @@ class TinyPipeline:
     latent_shape: Tuple[int, ...]  # shape of pipe(**call_kwargs()).frames (output_type="latent")
     frames: int  # decoded frames per video (output_type="np" / "pil")
     size: Tuple[int, int]  # decoded (height, width)
-    _spec: "_Spec" = field(repr=False)
+    _spec: "FamilySpec" = field(repr=False)
 
     def call_kwargs(self, *, seed: int = 0, steps: int = 3, cfg: bool = True, **overrides) -> dict:
         """A fresh dict for `pipe(**kw)`: random text embeddings (and image input) drawn from `seed`, the tiny
@@ -93,7 +93,7 @@ class TinyPipeline:
 # Shared helpers
 # --------------------------------------------------------------------------------------------------
 
-def _seeded(seed: int, build: Callable[[], Any]):
+def seeded(seed: int, build: Callable[[], Any]):
     """Build one component right after torch.manual_seed(seed): each part's weights depend only on the seed."""
     torch.manual_seed(seed)
     out = build()
@@ -134,7 +134,7 @@ def _embeds(gen: torch.Generator, cfg: bool, dim: int, *, n: int = TEXT_LEN, mas
     return out
 
 
-def _image(gen: torch.Generator, height: int, width: int):
+def random_image(gen: torch.Generator, height: int, width: int):
     """A small RGB PIL image made from the seed (image-conditioned pipelines)."""
     from PIL import Image
 
@@ -167,7 +167,7 @@ def _t5_text(seed: int, dim: int, umt5: bool = False) -> dict:
     config_cls, model_cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
     config = config_cls(vocab_size=len(tokenizer), d_model=dim, d_ff=2 * dim, d_kv=dim // 2, num_heads=2,
                         num_layers=1, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    return {"tokenizer": tokenizer, "text_encoder": _seeded(seed, lambda: model_cls(config))}
+    return {"tokenizer": tokenizer, "text_encoder": seeded(seed, lambda: model_cls(config))}
 
 
 def _wan_vae(z_dim: int = 4):
@@ -196,7 +196,7 @@ _WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, 
 # --------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class _Spec:
+class FamilySpec:
     build: Callable[[int, dict, bool], Any]  # (seed, text components, vae) -> pipeline
     sizes: Callable[[Any], dict]  # pipe -> num_frames/height/width keywords (from the pipe's VAE ratios)
     call: Callable[[Any, torch.Generator, bool], dict]  # (pipe, generator, cfg) -> conditioning + guidance
@@ -207,12 +207,12 @@ class _Spec:
     needs_vae: bool = False  # the pipeline uses its VAE even for latent output (image encoding, channel checks)
 
 
-_FAMILIES: Dict[str, _Spec] = {}
+_FAMILIES: Dict[str, FamilySpec] = {}
 
 
 def _family(name: str, **spec):
     def register(build):
-        _FAMILIES[name] = _Spec(build=build, **spec)
+        _FAMILIES[name] = FamilySpec(build=build, **spec)
         return build
 
     return register
@@ -226,11 +226,11 @@ def _family(name: str, **spec):
          call=lambda pipe, gen, cfg: dict(_embeds(gen, cfg, 32, mask=True), guidance_scale=_scale(cfg)),
          text=lambda seed: _t5_text(seed, 32))
 def _mochi(seed, text, vae):
-    transformer = _seeded(seed, lambda: MochiTransformer3DModel(
+    transformer = seeded(seed, lambda: MochiTransformer3DModel(
         patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=3, pooled_projection_dim=16,
         in_channels=12, text_embed_dim=32, time_embed_dim=16, max_sequence_length=16))
     # 32 channels: the Mochi VAE's group norms have 32 groups.
-    vae_ = _seeded(seed, lambda: AutoencoderKLMochi(
+    vae_ = seeded(seed, lambda: AutoencoderKLMochi(
         latent_channels=12, out_channels=3, encoder_block_out_channels=(32, 32, 32, 32),
         decoder_block_out_channels=(32, 32, 32, 32), layers_per_block=(1, 1, 1, 1, 1))) if vae else None
     return MochiPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae_, transformer=transformer, **text)
@@ -251,15 +251,15 @@ def _ltx_call(pipe, gen, cfg):
 
 def _ltx_i2v_call(pipe, gen, cfg):
     sizes = _ltx_sizes(pipe)
-    return dict(_ltx_call(pipe, gen, cfg), image=_image(gen, sizes["height"], sizes["width"]))
+    return dict(_ltx_call(pipe, gen, cfg), image=random_image(gen, sizes["height"], sizes["width"]))
 
 
 def _ltx_parts(seed, vae):
-    transformer = _seeded(seed, lambda: LTXVideoTransformer3DModel(
+    transformer = seeded(seed, lambda: LTXVideoTransformer3DModel(
         in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=16,
         cross_attention_dim=32, num_layers=3, caption_channels=32))
     # The diffusers fast-test VAE: patch 1, two space-time downsamplings, no timestep conditioning.
-    vae_ = _seeded(seed, lambda: AutoencoderKLLTXVideo(
+    vae_ = seeded(seed, lambda: AutoencoderKLLTXVideo(
         in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
         decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
         decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, False, False),
@@ -290,11 +290,11 @@ def _ltx_i2v(seed, text, vae):
          call=lambda pipe, gen, cfg: dict(_embeds(gen, cfg, 32), guidance_scale=_scale(cfg)),
          text=lambda seed: _t5_text(seed, 32))
 def _cogvideox(seed, text, vae):
-    transformer = _seeded(seed, lambda: CogVideoXTransformer3DModel(
+    transformer = seeded(seed, lambda: CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
         text_embed_dim=32, num_layers=3, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
         max_text_seq_length=16, use_rotary_positional_embeddings=True))
-    vae_ = _seeded(seed, lambda: AutoencoderKLCogVideoX(
+    vae_ = seeded(seed, lambda: AutoencoderKLCogVideoX(
         in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
         up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
         layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4)) if vae else None
@@ -321,8 +321,8 @@ def _wan_scheduler():
 @_family("wan", denoiser_attrs=("transformer",), num_layers=3, latent_shape=(1, 4, 3, 8, 8), sizes=_wan_sizes,
          call=_wan_call, text=lambda seed: _t5_text(seed, 32, umt5=True))
 def _wan(seed, text, vae):
-    transformer = _seeded(seed, lambda: WanTransformer3DModel(**_WAN))
-    return WanPipeline(scheduler=_wan_scheduler(), vae=_seeded(seed, _wan_vae) if vae else None,
+    transformer = seeded(seed, lambda: WanTransformer3DModel(**_WAN))
+    return WanPipeline(scheduler=_wan_scheduler(), vae=seeded(seed, _wan_vae) if vae else None,
                        transformer=transformer, **text)
 
 
@@ -335,9 +335,9 @@ WAN22_BOUNDARY_RATIO = 0.8
 @_family("wan22", denoiser_attrs=("transformer", "transformer_2"), num_layers=3, latent_shape=(1, 4, 3, 8, 8),
          sizes=_wan_sizes, call=_wan_call, text=lambda seed: _t5_text(seed, 32, umt5=True))
 def _wan22(seed, text, vae):
-    transformer = _seeded(seed, lambda: WanTransformer3DModel(**_WAN))
-    transformer_2 = _seeded(seed + 1, lambda: WanTransformer3DModel(**_WAN))  # a different expert
-    return WanPipeline(scheduler=_wan_scheduler(), vae=_seeded(seed, _wan_vae) if vae else None,
+    transformer = seeded(seed, lambda: WanTransformer3DModel(**_WAN))
+    transformer_2 = seeded(seed + 1, lambda: WanTransformer3DModel(**_WAN))  # a different expert
+    return WanPipeline(scheduler=_wan_scheduler(), vae=seeded(seed, _wan_vae) if vae else None,
                        transformer=transformer, transformer_2=transformer_2, boundary_ratio=WAN22_BOUNDARY_RATIO,
                        **text)
 
@@ -345,9 +345,9 @@ def _wan22(seed, text, vae):
 @_family("skyreels_v2", denoiser_attrs=("transformer",), num_layers=3, latent_shape=(1, 4, 3, 8, 8),
          sizes=_wan_sizes, call=_wan_call)
 def _skyreels_v2(seed, text, vae):
-    transformer = _seeded(seed, lambda: SkyReelsV2Transformer3DModel(**_WAN))
+    transformer = seeded(seed, lambda: SkyReelsV2Transformer3DModel(**_WAN))
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0)
-    return SkyReelsV2Pipeline(scheduler=scheduler, vae=_seeded(seed, _wan_vae) if vae else None,
+    return SkyReelsV2Pipeline(scheduler=scheduler, vae=seeded(seed, _wan_vae) if vae else None,
                               transformer=transformer, **text)
 
 
@@ -355,19 +355,19 @@ def _skyreels_v2(seed, text, vae):
 # CFG is "true CFG": it runs iff true_cfg_scale > 1 AND negative embeds (+ pooled) are given. guidance_scale is
 # the distilled-guidance embedding (passed to the transformer as guidance * 1000), not CFG: left at its default.
 
-def _hunyuan_call(pipe, gen, cfg):
+def hunyuan_call(pipe, gen, cfg):
     return dict(_embeds(gen, cfg, 32, mask=True, pooled=16), true_cfg_scale=_scale(cfg))
 
 
 @_family("hunyuan_video", denoiser_attrs=("transformer",), num_layers=4, latent_shape=(1, 4, 3, 8, 8),
          sizes=lambda pipe: _video_sizes(3, 8, pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial),
-         call=_hunyuan_call)
+         call=hunyuan_call)
 def _hunyuan_video(seed, text, vae):
-    transformer = _seeded(seed, lambda: HunyuanVideoTransformer3DModel(
+    transformer = seeded(seed, lambda: HunyuanVideoTransformer3DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
         num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=32,
         pooled_projection_dim=16, rope_axes_dim=(4, 6, 6)))
-    vae_ = _seeded(seed, lambda: AutoencoderKLHunyuanVideo(
+    vae_ = seeded(seed, lambda: AutoencoderKLHunyuanVideo(
         in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
         up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
         norm_num_groups=4, spatial_compression_ratio=8, temporal_compression_ratio=4)) if vae else None
@@ -388,12 +388,12 @@ def _allegro_call(pipe, gen, cfg):
          sizes=lambda pipe: _video_sizes(2, 8, pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial),
          call=_allegro_call)
 def _allegro(seed, text, vae):
-    transformer = _seeded(seed, lambda: AllegroTransformer3DModel(
+    transformer = seeded(seed, lambda: AllegroTransformer3DModel(
         num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, num_layers=3,
         cross_attention_dim=24, sample_width=8, sample_height=8, sample_frames=8, caption_channels=8))
     vae_ = None
     if vae:
-        vae_ = _seeded(seed, lambda: AutoencoderKLAllegro(
+        vae_ = seeded(seed, lambda: AutoencoderKLAllegro(
             in_channels=3, out_channels=3, down_block_types=("AllegroDownBlock3D",) * 4,
             up_block_types=("AllegroUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
             layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4))
@@ -415,7 +415,7 @@ def _allegro(seed, text, vae):
 def _cosmos_call(pipe, gen, cfg):
     sizes = _wan_sizes(pipe)
     return dict(_embeds(gen, cfg, 16), guidance_scale=_scale(cfg),
-                image=_image(gen, sizes["height"], sizes["width"]))
+                image=random_image(gen, sizes["height"], sizes["width"]))
 
 
 def _dummy_cosmos_safety_checker():
@@ -439,12 +439,12 @@ def _dummy_cosmos_safety_checker():
          call=_cosmos_call, needs_vae=True)
 def _cosmos(seed, text, vae):
     # concat_padding_mask=False: its padding-mask path needs torchvision.
-    transformer = _seeded(seed, lambda: CosmosTransformer3DModel(
+    transformer = seeded(seed, lambda: CosmosTransformer3DModel(
         in_channels=5, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=3, mlp_ratio=2,
         text_embed_dim=16, adaln_lora_dim=4, max_size=(4, 32, 32), patch_size=(1, 2, 2), rope_scale=(2.0, 1.0, 1.0),
         concat_padding_mask=False, extra_pos_embed_type="learnable"))
     return Cosmos2VideoToWorldPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True), vae=_seeded(seed, _wan_vae),
+        scheduler=FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True), vae=seeded(seed, _wan_vae),
         transformer=transformer, safety_checker=_dummy_cosmos_safety_checker(), **text)
 
 
@@ -457,10 +457,10 @@ def _cosmos(seed, text, vae):
          call=lambda pipe, gen, cfg: dict(_embeds(gen, cfg, 16, mask=True), guidance_scale=_scale(cfg)),
          needs_vae=True)
 def _easyanimate(seed, text, vae):
-    transformer = _seeded(seed, lambda: EasyAnimateTransformer3DModel(
+    transformer = seeded(seed, lambda: EasyAnimateTransformer3DModel(
         attention_head_dim=16, num_attention_heads=2, in_channels=4, out_channels=4, mmdit_layers=1, num_layers=3,
         patch_size=2, sample_height=60, sample_width=90, text_embed_dim=16, time_embed_dim=8))
-    vae_ = _seeded(seed, lambda: AutoencoderKLMagvit(
+    vae_ = seeded(seed, lambda: AutoencoderKLMagvit(
         in_channels=3, out_channels=3,
         down_block_types=("SpatialDownBlock3D",) + ("SpatialTemporalDownBlock3D",) * 3,
         up_block_types=("SpatialUpBlock3D",) + ("SpatialTemporalUpBlock3D",) * 3,
@@ -480,12 +480,12 @@ def _easyanimate(seed, text, vae):
          call=lambda pipe, gen, cfg: dict(_embeds(gen, cfg, 8), guidance_scale=_scale(cfg), negative_prompt=None,
                                           mask_feature=False))
 def _latte(seed, text, vae):
-    transformer = _seeded(seed, lambda: LatteTransformer3DModel(
+    transformer = seeded(seed, lambda: LatteTransformer3DModel(
         sample_size=8, num_layers=3, patch_size=2, attention_head_dim=4, num_attention_heads=2, caption_channels=8,
         in_channels=4, cross_attention_dim=8, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
         num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
         video_length=3))
-    vae_ = _seeded(seed, lambda: AutoencoderKL(
+    vae_ = seeded(seed, lambda: AutoencoderKL(
         block_out_channels=(8, 8), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=2)) if vae else None
     return LattePipeline(scheduler=_ddim(), vae=vae_, transformer=transformer, **text)
@@ -499,7 +499,7 @@ def _latte(seed, text, vae):
 def _svd_call(pipe, gen, cfg):
     scale = dict(min_guidance_scale=1.0, max_guidance_scale=CFG_SCALE) if cfg else \
         dict(min_guidance_scale=1.0, max_guidance_scale=1.0)
-    return dict(scale, image=_image(gen, 8 * pipe.vae_scale_factor, 8 * pipe.vae_scale_factor), decode_chunk_size=3)
+    return dict(scale, image=random_image(gen, 8 * pipe.vae_scale_factor, 8 * pipe.vae_scale_factor), decode_chunk_size=3)
 
 
 @_family("svd", denoiser_attrs=("unet",), num_layers=16, latent_shape=(1, 3, 4, 8, 8),
@@ -509,14 +509,14 @@ def _svd(seed, text, vae):
     import transformers
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    unet = _seeded(seed, lambda: UNetSpatioTemporalConditionModel(
+    unet = seeded(seed, lambda: UNetSpatioTemporalConditionModel(
         sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 32, 32, 32), layers_per_block=2,
         cross_attention_dim=32, num_attention_heads=(2, 2, 2, 2), addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=24, num_frames=3))
-    vae_ = _seeded(seed, lambda: AutoencoderKLTemporalDecoder(
+    vae_ = seeded(seed, lambda: AutoencoderKLTemporalDecoder(
         block_out_channels=(32, 32), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
         latent_channels=4))
-    image_encoder = _seeded(seed, lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(
+    image_encoder = seeded(seed, lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(
         hidden_size=32, projection_dim=32, num_hidden_layers=1, num_attention_heads=2, image_size=224,
         patch_size=32, intermediate_size=37)))
     # The PIL backend: CLIPImageProcessor falls back to it anyway (with a warning) when torchvision is absent.
@@ -549,13 +549,13 @@ def _ltx2_call(pipe, gen, cfg):
                                           pipe.vae_spatial_compression_ratio),
          call=_ltx2_call, needs_vae=True)
 def _ltx2(seed, text, vae):
-    transformer = _seeded(seed, lambda: LTX2VideoTransformer3DModel(
+    transformer = seeded(seed, lambda: LTX2VideoTransformer3DModel(
         in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
         cross_attention_dim=16, audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2,
         audio_attention_head_dim=4, audio_cross_attention_dim=8, num_layers=3, caption_channels=16,
         rope_double_precision=False))
     # Connector width (heads x head_dim) = caption_channels; text_proj_in_factor = text-encoder layers + 1.
-    connectors = _seeded(seed, lambda: LTX2TextConnectors(
+    connectors = seeded(seed, lambda: LTX2TextConnectors(
         caption_channels=16, text_proj_in_factor=2, video_connector_num_attention_heads=2,
         video_connector_attention_head_dim=8, video_connector_num_layers=1,
         video_connector_num_learnable_registers=None, audio_connector_num_attention_heads=2,
@@ -563,7 +563,7 @@ def _ltx2(seed, text, vae):
         audio_connector_num_learnable_registers=None, connector_rope_base_seq_len=32, rope_double_precision=False))
     # 4x spatial and temporal compression (LTX-2 needs height/width divisible by 32: 32x32 -> 8x8 latents). The
     # pipeline reads vae.config (latents_mean) even for latent output.
-    vae_ = _seeded(seed, lambda: AutoencoderKLLTX2Video(
+    vae_ = seeded(seed, lambda: AutoencoderKLLTX2Video(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
         layers_per_block=(1, 1), decoder_layers_per_block=(1, 1, 1), spatio_temporal_scaling=(True, True),
         decoder_spatio_temporal_scaling=(True, True), decoder_inject_noise=(False,) * 3,
@@ -571,11 +571,11 @@ def _ltx2(seed, text, vae):
         timestep_conditioning=False, patch_size=1, patch_size_t=1, encoder_causal=True, decoder_causal=False))
     # Audio VAE (its latent channels x mel bins / 4 = the transformer's audio_in_channels) and vocoder: the
     # diffusers fast-test configs.
-    audio_vae = _seeded(seed, lambda: AutoencoderKLLTX2Audio(
+    audio_vae = seeded(seed, lambda: AutoencoderKLLTX2Audio(
         base_channels=4, output_channels=2, ch_mult=(1,), num_res_blocks=1, attn_resolutions=None, in_channels=2,
         resolution=32, latent_channels=2, norm_type="pixel", causality_axis="height", dropout=0.0,
         mid_block_add_attention=False, sample_rate=16000, mel_hop_length=160, is_causal=True, mel_bins=8))
-    vocoder = _seeded(seed, lambda: LTX2Vocoder(
+    vocoder = seeded(seed, lambda: LTX2Vocoder(
         in_channels=2 * 8, hidden_channels=32, out_channels=2, upsample_kernel_sizes=[4, 4], upsample_factors=[2, 2],
         resnet_kernel_sizes=[3], resnet_dilations=[[1, 3, 5]], leaky_relu_negative_slope=0.1,
         output_sampling_rate=16000))
@@ -606,12 +606,12 @@ def _hunyuan15_call(pipe, gen, cfg):
          sizes=lambda pipe: _video_sizes(3, 8, pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial),
          call=_hunyuan15_call, needs_vae=True)
 def _hunyuan_video15(seed, text, vae):
-    transformer = _seeded(seed, lambda: HunyuanVideo15Transformer3DModel(
+    transformer = seeded(seed, lambda: HunyuanVideo15Transformer3DModel(
         in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=3,
         num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=8,
         image_embed_dim=12, rope_axes_dim=(2, 2, 4), target_size=16, task_type="t2v"))
     # 4x spatial, 2x temporal (the diffusers fast-test VAE). The pipeline reads vae.config even for latents.
-    vae_ = _seeded(seed, lambda: AutoencoderKLHunyuanVideo15(
+    vae_ = seeded(seed, lambda: AutoencoderKLHunyuanVideo15(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16), layers_per_block=1,
         spatial_compression_ratio=4, temporal_compression_ratio=2, downsample_match_channel=False,
         upsample_match_channel=False))

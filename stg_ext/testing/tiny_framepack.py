@@ -19,7 +19,7 @@ from __future__ import annotations
 from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoFramepackPipeline,
                        HunyuanVideoFramepackTransformer3DModel)
 
-from .tiny import TinyPipeline, _hunyuan_call, _image, _seeded, _Spec
+from .tiny import TinyPipeline, hunyuan_call, random_image, seeded, FamilySpec
 
 __all__ = ["tiny_framepack"]
 
@@ -27,24 +27,24 @@ SIZE = 64  # pixels: 8 x 8 latents under the VAE's 8x
 
 
 def _call(pipe, gen, cfg):
-    return dict(_hunyuan_call(pipe, gen, cfg), image=_image(gen, SIZE, SIZE), latent_window_size=2)
+    return dict(hunyuan_call(pipe, gen, cfg), image=random_image(gen, SIZE, SIZE), latent_window_size=2)
 
 
 def _build(seed, text, vae):
     import transformers
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    transformer = _seeded(seed, lambda: HunyuanVideoFramepackTransformer3DModel(
+    transformer = seeded(seed, lambda: HunyuanVideoFramepackTransformer3DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
         num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=32,
         pooled_projection_dim=16, rope_axes_dim=(4, 6, 6), has_image_proj=True, image_proj_dim=24,
         has_clean_x_embedder=True))
-    vae_ = _seeded(seed, lambda: AutoencoderKLHunyuanVideo(
+    vae_ = seeded(seed, lambda: AutoencoderKLHunyuanVideo(
         in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
         up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
         norm_num_groups=4, spatial_compression_ratio=8, temporal_compression_ratio=4))
     # hidden_size = the transformer's image_proj_dim (its image projection takes SigLIP's last hidden state).
-    image_encoder = _seeded(seed, lambda: SiglipVisionModel(SiglipVisionConfig(
+    image_encoder = seeded(seed, lambda: SiglipVisionModel(SiglipVisionConfig(
         hidden_size=24, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
         patch_size=16)))
     # The PIL backend: SiglipImageProcessor falls back to it anyway (with a warning) when torchvision is absent.
@@ -56,7 +56,7 @@ def _build(seed, text, vae):
         feature_extractor=feature_extractor)
 
 
-_SPEC = _Spec(build=_build, sizes=lambda pipe: dict(num_frames=5, height=SIZE, width=SIZE), call=_call,
+_SPEC = FamilySpec(build=_build, sizes=lambda pipe: dict(num_frames=5, height=SIZE, width=SIZE), call=_call,
               denoiser_attrs=("transformer",), num_layers=4, latent_shape=(1, 4, 3, 8, 8), needs_vae=True)
 
 
