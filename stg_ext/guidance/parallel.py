@@ -27,9 +27,17 @@ Calling conventions:
   single-process driver does (`c' = u + (f - u)/g`, and the pipeline's own guidance_rescale sees c).
 - separate calls (cond, then uncond): the u rank can only compute u in the uncond call, so the cond call returns
   a 0-dim zero on every rank (the pipeline keeps it for its CFG line) and the uncond call returns `u' = f/(1-g)`,
-  which makes the pipeline's `u' + g (0 - u')` equal `f` (to a few ulps, the same on every rank). Only for
-  pipelines whose CFG line combines the raw predictions (Wan, SkyReels-V2, HunyuanVideo; not Cosmos). With CFG
-  off or at scale 1 (Wan 2.2's second expert) everything is exchanged in the cond call, which returns `f`.
+  which makes the pipeline's `u' + g (0 - u')` equal `f`, the same on every rank (the *deferred* protocol: all
+  branches run at once). Only for pipelines whose CFG line combines the raw predictions (Wan, SkyReels-V2,
+  HunyuanVideo; not Cosmos). With CFG off or at scale 1 (Wan 2.2's second expert) everything is exchanged in the
+  cond call, which returns `f`.
+- the deferred protocol's rounding: the pipeline's `u' - g u'` is off by about `eps (1 + |g|) |f| / |1 - g|`,
+  which grows without bound as g -> 1. For `|1 - g| < SERIAL_BELOW` the *serial* protocol runs instead: the cond
+  call spreads and exchanges c and the perturbed passes and returns separate_fold's `c'`; the uncond call computes
+  u on one rank, exchanges it and returns separate_fold's `u'` (the single-process fold and its error bound
+  `8 eps (1 + |g|) max(|u|, |c|, |p|, |f|)`). Its price: u no longer runs beside the other branches (two passes'
+  time per step on two ranks). With `SERIAL_BELOW = 1/4` the deferred protocol's error stays within the same
+  bound.
 """
 from __future__ import annotations
 
@@ -51,6 +59,7 @@ from ..weak.hooks import install, uninstall
 from ..weak.model import resolve_layers
 from .drivers import Call, SeparateDriver
 from .outputs import prediction, with_prediction
+from .separate_fold import cond_return, uncond_return
 
 STASH_HOOK = "stg_ext.branch_stash"
 PLACEMENTS = ("auto", "cond", "stash", "full")
@@ -59,6 +68,8 @@ DEFERRED_OK = ("WanPipeline", "WanImageToVideoPipeline", "WanVACEPipeline", "Wan
                "SkyReelsV2Pipeline", "SkyReelsV2ImageToVideoPipeline", "HunyuanVideoPipeline",
                "HunyuanVideoImageToVideoPipeline", "HunyuanSkyreelsImageToVideoPipeline")
 _TAG_STASH, _TAG_EXCHANGE = 100, 1000
+#: |1 - g| below which separate calls use the serial protocol (module docstring: the deferred protocol's rounding).
+SERIAL_BELOW = 0.25
 
 
 # --- the split ------------------------------------------------------------------------------------------------
@@ -466,7 +477,10 @@ class ParallelSeparateDriver(SeparateDriver):
         return out
 
     def _deferred(self, call: Call) -> bool:
-        return call.cfg_scale is not None and float(call.cfg_scale) != 1.0
+        return call.cfg_scale is not None and abs(1.0 - float(call.cfg_scale)) >= SERIAL_BELOW
+
+    def _serial(self, call: Call) -> bool:
+        return call.cfg_scale is not None and float(call.cfg_scale) != 1.0 and not self._deferred(call)
 
     def _cond(self, call: Call, step: int) -> Any:
         bg, s = self.bg, call.settings
@@ -486,9 +500,15 @@ class ParallelSeparateDriver(SeparateDriver):
         got, sent, received = bg.exchange(have, _names(False, n_p), p, next(iter(have.values())))
         _finish_sends(bg.stash[id(self.model)])
         self._record(p, sigma, sent, received, "cond", step)
-        ps = [got[f"p{k}"] for k in range(n_p)]
-        f = got["c"] if s is None else combine(got["c"], _plist(ps), None, stg_scale=_scale_arg(s.scales),
-                                               rescale=s.rescale, orthogonalize=call.orthogonalize)
+        c, ps = got["c"], [got[f"p{k}"] for k in range(n_p)]
+        if self._serial(call):
+            # The single-process fold (separate_fold.py): c' now, u' from u in the uncond call.
+            c_ret, adjust = (c, False) if s is None else cond_return(
+                c, _plist(ps), float(call.cfg_scale), _scale_arg(s.scales), s.rescale, call.orthogonalize)
+            self.held = dict(step=step, serial=True, c=c, ps=ps, c_ret=c_ret, adjust=adjust)
+            return with_prediction(out, c_ret)
+        f = c if s is None else combine(c, _plist(ps), None, stg_scale=_scale_arg(s.scales), rescale=s.rescale,
+                                        orthogonalize=call.orthogonalize)
         self.held = dict(step=step, f=f)  # Wan 2.2 at scale 1 still makes its uncond call: it returns f
         return with_prediction(out, f)
 
@@ -499,6 +519,8 @@ class ParallelSeparateDriver(SeparateDriver):
         if "f" in held:
             # u + 1 (f - u) is f for u = f, exactly; no uncond pass is needed.
             return _placeholder(call, None, held["f"])
+        if "serial" in held:
+            return self._serial_uncond(call, held, step)
         bg, s, p = self.bg, call.settings, held["plan"]
         have, out = dict(held["have"]), held["out"]
         mine = p.tasks[bg.rank] if any(t.kind == "u" for t in p.tasks[bg.rank]) else []
@@ -519,6 +541,20 @@ class ParallelSeparateDriver(SeparateDriver):
                         orthogonalize=call.orthogonalize).float()
         # The pipeline computes u' + g (0 - u') with the cond call's 0: u' = f / (1 - g).
         return with_prediction(out, (f / (1.0 - g)).to(u.dtype))
+
+    def _serial_uncond(self, call: Call, held: dict, step: int) -> Any:
+        """u on rank 0, sent to the others; then separate_fold's u' (or u itself where the fold needs no u)."""
+        bg, s = self.bg, call.settings
+        p = Plan([[Task("u")]] + [[] for _ in range(bg.size - 1)], u_rank=0, c_rank=0)
+        have, out = self.branches.run(call, p, (call.args, call.kwargs), (call.args, call.kwargs), p.tasks[bg.rank])
+        got, sent, received = bg.exchange(have, ["u"], p, held["c"])
+        self._record(p, 1.0, sent, received, "uncond", step)
+        u = got["u"]
+        if not held["adjust"]:
+            return _placeholder(call, out, u)
+        f = combine(held["c"], _plist(held["ps"]), u, cfg_scale=call.cfg_scale, stg_scale=_scale_arg(s.scales),
+                    rescale=s.rescale, orthogonalize=call.orthogonalize)
+        return _placeholder(call, out, uncond_return(f, held["c_ret"], float(call.cfg_scale), u.dtype))
 
     def _record(self, p: Plan, sigma: float, sent: int, received: int, role: str, step: int) -> None:
         state = self.bg.stash[id(self.model)]

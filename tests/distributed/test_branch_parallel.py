@@ -33,6 +33,13 @@ WAN = [
     dict(name="wan22_scale2_1", family="wan22", stg=dict(mode="attention", rescale=0.7),
          call=dict(guidance_scale_2=1.0)),
     dict(name="wan_naive", family="wan", stg=dict(mode="attention", strategy="naive")),
+    # Near g = 1 the serial protocol (parallel.SERIAL_BELOW); the deferred one was off by ~0.1 x max at 1 + 1e-6.
+    dict(name="wan_near_one_1e-6", family="wan", stg=dict(mode="attention", rescale=0.7),
+         call=dict(guidance_scale=1 + 1e-6)),
+    dict(name="wan_near_one_1e-3", family="wan", stg=dict(mode="residual", rescale=0.7),
+         call=dict(guidance_scale=1 + 1e-3)),
+    dict(name="wan_near_one_no_rescale", family="wan", stg=dict(mode="attention"), call=dict(guidance_scale=1.1)),
+    dict(name="wan_g_1.3", family="wan", stg=dict(mode="attention", rescale=0.7), call=dict(guidance_scale=1.3)),
 ]
 BATCHED = [
     dict(name="ltx_attention", family="ltx", stg=dict(mode="attention")),
@@ -49,7 +56,7 @@ BATCHED = [
     dict(name="mochi_two_modes", family="mochi", stg=dict(mode=("attention", "residual"), scale=(1.0, 0.5))),
 ]
 TWO = WAN + BATCHED
-THREE = [s for s in TWO if s["name"] in ("wan_attention", "wan_stash", "wan_two_modes", "wan_window", "ltx_attention",
+THREE = [s for s in TWO if s["name"] in ("wan_attention", "wan_stash", "wan_near_one_1e-6", "wan_two_modes", "wan_window", "ltx_attention",
                                          "ltx_stash", "ltx_guidance_rescale", "mochi_residual_rescale",
                                          "mochi_two_modes")]
 MESH = [s for s in TWO if s["name"] in ("wan_attention", "wan_stash", "wan_window", "wan_residual_rescale")]
@@ -126,6 +133,16 @@ def test_outside_the_window_only_cfg_branches_are_spread(two):
     r0, r1 = (res["wan_window"]["records"] for res in two)
     assert [r[2] for r in r0] == [("u",)] * STEPS
     assert [r[2] for r in r1] == [("c",), ("c", "p0:local"), ("c",)]
+
+
+def test_near_one_runs_u_after_the_cond_call(two):
+    # |1 - g| < SERIAL_BELOW: the cond call spreads c and the perturbed pass (rank 1 c, rank 0 the full perturbed
+    # pass), the uncond call runs u on rank 0 and sends it; each rank sends one prediction per call.
+    r0, r1 = (res["wan_near_one_1e-6"]["records"] for res in two)
+    assert [r[1:3] for r in r0] == [("cond", ("p0:full",)), ("uncond", ("u",))] * STEPS
+    assert [r[1:3] for r in r1] == [("cond", ("c",)), ("uncond", ())] * STEPS
+    assert [(r[4], r[5]) for r in r0] == [(LATENT, LATENT), (LATENT, 0)] * STEPS
+    assert [(r[4], r[5]) for r in r1] == [(LATENT, LATENT), (0, LATENT)] * STEPS
 
 
 def test_three_ranks_run_one_pass_each(three):
