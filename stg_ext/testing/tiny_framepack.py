@@ -19,7 +19,7 @@ from __future__ import annotations
 from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoFramepackPipeline,
                        HunyuanVideoFramepackTransformer3DModel)
 
-from .tiny import TinyPipeline, hunyuan_call, random_image, seeded, FamilySpec
+from .tiny import FamilySpec, TinyPipeline, hunyuan_call, random_image, seeded
 
 __all__ = ["tiny_framepack"]
 
@@ -57,7 +57,7 @@ def _build(seed, text, vae):
 
 
 _SPEC = FamilySpec(build=_build, sizes=lambda pipe: dict(num_frames=5, height=SIZE, width=SIZE), call=_call,
-              denoiser_attrs=("transformer",), num_layers=4, latent_shape=(1, 4, 3, 8, 8), needs_vae=True)
+                   denoiser_attrs=("transformer",), num_layers=4, latent_shape=(1, 4, 3, 8, 8), needs_vae=True)
 
 
 def tiny_framepack(*, seed: int = 0) -> TinyPipeline:
