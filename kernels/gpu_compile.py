@@ -13,12 +13,17 @@ Needs triton imported WITHOUT TRITON_INTERPRET=1 (the interpreter's JITFunctions
 """
 from __future__ import annotations
 
+import argparse
+import csv
 import glob
+import multiprocessing
 import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Dict, List
 
@@ -231,15 +236,11 @@ def table(archs=(80, 90), jobs: int = 1) -> List[Compiled]:
     tasks = [(i, arch) for arch in archs for i in range(len(all_launches()))]
     if jobs <= 1:
         return [r for t in tasks for r in _compile_task(t)]
-    import multiprocessing
     with multiprocessing.get_context("spawn").Pool(jobs) as pool:
         return [r for rs in pool.map(_compile_task, tasks, chunksize=1) for r in rs]
 
 
 def main() -> int:
-    import argparse
-    import time
-
     ap = argparse.ArgumentParser(description="Compile stg_ext's Triton kernels for sm_80/sm_90 and print "
                                  "registers, spills and shared memory per kernel")
     ap.add_argument("--arch", type=int, nargs="*", default=[80, 90])
@@ -251,7 +252,6 @@ def main() -> int:
     t0 = time.time()
     rows = table(tuple(args.arch), args.jobs)
     if args.csv:
-        import csv
         with open(args.csv, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["kernel", "arch", "config", "registers", "spill_bytes", "stack", "shared"])
@@ -273,5 +273,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    import sys
     sys.exit(main())

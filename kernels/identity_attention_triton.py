@@ -156,8 +156,8 @@ def _check(q_video, k_video, v_video, k_text, v_text, text_bias) -> None:
             raise ValueError(f"{_OP}: {name} must have q_video's dtype and device ({q_video.dtype}, "
                              f"{q_video.device}); got {t.dtype}, {t.device}")
     if k_video.shape != q_video.shape or v_video.shape != q_video.shape:
-        raise ValueError(f"{_OP}: k_video {tuple(k_video.shape)} and v_video {tuple(v_video.shape)} must have "
-                         f"q_video's shape {tuple(q_video.shape)}")
+        raise ValueError(f"{_OP}: k_video and v_video must have q_video's shape {tuple(q_video.shape)}; got "
+                         f"{tuple(k_video.shape)} and {tuple(v_video.shape)}")
     B, H, _, D = q_video.shape
     if k_text.dim() != 4 or k_text.shape != v_text.shape or (k_text.shape[0], k_text.shape[1], k_text.shape[3]) \
             != (B, H, D):
@@ -189,7 +189,7 @@ def launch_plan(q_video, k_video, v_video, k_text, v_text, text_bias, scale):
         raise ValueError(f"{_OP}: head dims up to {MAX_HEAD_DIM}, got {D}; use backend='cuda' (up to 256) or "
                          "'torch'")
     if B * H > _MAX_GRID_Y:
-        raise ValueError(f"{_OP}: B * H = {B * H} exceeds the grid limit {_MAX_GRID_Y}")
+        raise ValueError(f"{_OP}: B * H exceeds the grid limit {_MAX_GRID_Y}, got {B * H}")
     if text_bias is not None:
         bias = text_bias.expand(B, H, N, T)  # broadcast dims get stride 0
         bias_strides = bias.stride()

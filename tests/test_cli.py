@@ -355,6 +355,9 @@ def test_bench_quick_writes_csv_and_plots(tmp_path, capsys):
 def test_bench_needs_the_repository_checkout(tmp_path, capsys, monkeypatch):
     fake = tmp_path / "site-packages" / "stg_ext" / "cli" / "commands" / "bench.py"
     monkeypatch.setattr(bench_cmd, "__file__", str(fake))
+    monkeypatch.chdir(REPO)  # an installed wheel finds the checkout it runs in
+    assert bench_cmd.find_benchmarks(None) == REPO / "benchmarks"
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(CLIError, match="repository checkout"):
         bench_cmd.find_benchmarks(None)
     code, _, err = run_cli(["bench", "--only", "nope", "--out", tmp_path / "b", "--benchmarks", REPO / "benchmarks"],

@@ -12,8 +12,9 @@ import re
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
-ROOT = Path(__file__).resolve().parent.parent
-PACKAGE, CATALOG = ROOT / "stg_ext", ROOT / "docs" / "errors.md"
+from tests._package import source_files
+
+CATALOG = Path(__file__).resolve().parent.parent / "docs" / "errors.md"
 LABEL = re.compile(r"^stg_ext[\w.]*(?: \w+)?: ")
 MIN_KEY, MAX_KEY = 10, 50
 
@@ -48,9 +49,8 @@ def _key(pieces: List[Optional[str]]) -> Optional[str]:
 
 
 def raise_sites() -> Iterator[Tuple[str, int, str, str]]:
-    """(file, line, exception class, key) of every raise with an exception in stg_ext/."""
-    for path in sorted(PACKAGE.rglob("*.py")):
-        name = str(path.relative_to(ROOT))
+    """(file, line, exception class, key) of every raise with an exception in stg_ext/ (its kernels too)."""
+    for _, name, path in source_files():
         for node in ast.walk(ast.parse(path.read_text(), name)):
             if not isinstance(node, ast.Raise) or node.exc is None:
                 continue

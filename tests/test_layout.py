@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import ast
 import os
-import pkgutil
 import subprocess
 import sys
 
 import pytest
 
 import stg_ext
+from tests._package import source_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGE = os.path.join(ROOT, "stg_ext")
 # Imported inside functions on purpose: extras a user may not have installed (the `cli`, `test`, `triton` extras),
 # the Triton kernels (need triton), and the compiled extension (may not have been built).
 OPTIONAL = {"triton", "matplotlib", "cv2", "imageio", "imageio_ffmpeg", "PIL", "transformers", "tqdm",
@@ -21,24 +20,18 @@ OPTIONAL = {"triton", "matplotlib", "cv2", "imageio", "imageio_ffmpeg", "PIL", "
 
 
 def _modules():
-    names = []
-    for info in pkgutil.walk_packages([PACKAGE], prefix="stg_ext."):
-        names.append(info.name)
-    return sorted(n for n in names if not n.startswith("stg_ext._C"))
+    return sorted(name for name, _, _ in source_files())
 
 
 def _sources():
-    for folder, _, files in os.walk(PACKAGE):
-        for f in files:
-            if f.endswith(".py"):
-                path = os.path.join(folder, f)
-                yield os.path.relpath(path, ROOT), ast.parse(open(path).read())
+    for name, relative, path in source_files():
+        yield name, relative, ast.parse(path.read_text(), relative)
 
 
-def _imported_module(node: ast.ImportFrom, path: str) -> str:
+def _imported_module(node: ast.ImportFrom, module: str, relative: str) -> str:
     if not node.level:
         return node.module or ""
-    package = os.path.dirname(path).replace(os.sep, ".").split(".")
+    package = module.split(".") if relative.endswith("__init__.py") else module.split(".")[:-1]
     base = package[: len(package) - node.level + 1]
     return ".".join(base + ([node.module] if node.module else []))
 
@@ -81,10 +74,10 @@ def test_key_modules_import_first_in_a_new_interpreter(name):
 
 def test_no_module_imports_another_modules_private_names():
     bad = []
-    for path, tree in _sources():
+    for module, path, tree in _sources():
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
-                target = _imported_module(node, path)
+                target = _imported_module(node, module, path)
                 if not target.startswith("stg_ext"):
                     continue
                 bad += [f"{path}:{node.lineno} {target}.{a.name}" for a in node.names
@@ -94,7 +87,7 @@ def test_no_module_imports_another_modules_private_names():
 
 def test_imports_are_at_module_level_except_optional_dependencies():
     bad = []
-    for path, tree in _sources():
+    for module, path, tree in _sources():
         top = {id(n) for n in tree.body}
         for node in ast.walk(tree):
             if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in top:
@@ -102,7 +95,7 @@ def test_imports_are_at_module_level_except_optional_dependencies():
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             else:
-                target = _imported_module(node, path)
+                target = _imported_module(node, module, path)
                 names = [f"{target}.{a.name}" if target == "stg_ext" else target for a in node.names]
             for name in names:
                 root = name.split(".")[0] if not name.startswith("stg_ext") else name

@@ -76,11 +76,14 @@ def find_benchmarks(folder: Optional[str]) -> Path:
         if not path.is_dir():
             raise UsageError(f"--benchmarks {folder!r} is not a folder")
         return path
-    path = Path(__file__).resolve().parents[3] / "benchmarks"
-    if not path.is_dir():
-        raise CLIError(f"no benchmarks folder at {path}: the benchmarks are part of the repository checkout, not of the "
-                       "installed package; run from a checkout (pip install -e .) or pass --benchmarks DIR")
-    return path
+    # Next to the package in a checkout (pip install -e .); else the checkout the command runs in (a wheel
+    # installed from it with pip install .).
+    beside = Path(__file__).resolve().parents[3] / "benchmarks"
+    for path in (beside, Path.cwd() / "benchmarks"):
+        if (path / "bench_combine.py").is_file():
+            return path
+    raise CLIError(f"no benchmarks folder at {beside} or in the current folder: the benchmarks are part of the "
+                   "repository checkout, not of the installed package; run from a checkout or pass --benchmarks DIR")
 
 
 @contextmanager
