@@ -18,16 +18,17 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, List, Optional, Tuple
 
 import torch
 
 from ..weak.adapters.base import ModelAdapter
 from ..weak.batch import cond_half
 from .branch import PerturbedBranch
+from .combine_args import perturbed_arg, stg_scale_arg
 from .config import StepSettings
 from .outputs import prediction, with_prediction
-from .separate_fold import cond_return, uncond_return
+from .separate_fold import cond_return, uncond_fold
 from ..ops import combine
 
 Forward = Callable[..., Any]
@@ -52,10 +53,6 @@ class Call:
     placement: str = "cond"      # "uncond": the uncond pass runs perturbed, no perturbed pass of its own
     run: Any = None              # the sampling run (reused deltas of `every` > 1 belong to one run)
     isolate: Callable[[str], ContextManager] = lambda mode: nullcontext()  # wraps each perturbed pass
-
-
-def _scale_arg(scales: Sequence[float]) -> Any:
-    return scales[0] if len(scales) == 1 else tuple(scales)
 
 
 def perturbed_predictions(call: Call, args: tuple, kwargs: dict) -> List[torch.Tensor]:
@@ -105,10 +102,6 @@ def _rows(call: Call) -> int:
         if name in call.kwargs:
             return call.kwargs[name].shape[0]
     return call.args[0].shape[0]
-
-
-def _plist(ps: List[torch.Tensor]) -> Any:
-    return ps[0] if len(ps) == 1 else tuple(ps)
 
 
 class CFGBatchDriver:
@@ -181,11 +174,12 @@ class CFGBatchDriver:
         ps = self.deltas.predictions(call, c, call.args, call.kwargs)
         g = call.cfg_scale
         if isinstance(g, torch.Tensor):
-            stg = combine(c, _plist(ps), None, stg_scale=_scale_arg(s.scales), orthogonalize=call.orthogonalize)
+            stg = combine(c, perturbed_arg(ps), None, stg_scale=stg_scale_arg(s.scales),
+                          orthogonalize=call.orthogonalize)
             c_folded = (c.float() + (stg.float() - c.float()) / self._cfg_scale(g, c)).to(c.dtype)
         else:
             # Whatever u~ the outer hook builds: u~ + g (c' - u~) = u~ + g (c - u~) + s (c - p).
-            c_folded = combine(c, _plist(ps), None, stg_scale=_scale_arg([w / float(g) for w in s.scales]),
+            c_folded = combine(c, perturbed_arg(ps), None, stg_scale=stg_scale_arg([w / float(g) for w in s.scales]),
                                orthogonalize=call.orthogonalize)
         return with_prediction(out, c_folded)
 
@@ -195,7 +189,7 @@ class CFGBatchDriver:
         pred = prediction(out)
         if call.cfg_scale is None:
             ps = self.deltas.predictions(call, pred, call.args, call.kwargs)
-            f = combine(pred, _plist(ps), None, stg_scale=_scale_arg(s.scales), rescale=s.rescale,
+            f = combine(pred, perturbed_arg(ps), None, stg_scale=stg_scale_arg(s.scales), rescale=s.rescale,
                         orthogonalize=call.orthogonalize)
             return with_prediction(out, f)
         batch = pred.shape[0]
@@ -205,8 +199,8 @@ class CFGBatchDriver:
         u, c = pred[: batch // 2], pred[batch // 2:]
         args, kwargs = cond_half(self.model, self.adapter, call.args, call.kwargs, batch)
         ps = self.deltas.predictions(call, c, args, kwargs)
-        c_folded = combine(c, _plist(ps), u, cfg_scale=self._cfg_scale(call.cfg_scale, c), cfg_checked=True,
-                           stg_scale=_scale_arg(s.scales),
+        c_folded = combine(c, perturbed_arg(ps), u, cfg_scale=self._cfg_scale(call.cfg_scale, c), cfg_checked=True,
+                           stg_scale=stg_scale_arg(s.scales),
                            rescale=s.rescale, orthogonalize=call.orthogonalize, fold=True)
         joined = torch.cat([u, c_folded])
         self.last_fold, self.last_output = (c, c_folded), joined
@@ -261,11 +255,11 @@ class SeparateDriver:
         ps = self.deltas.predictions(call, c, call.args, call.kwargs)
         g = call.cfg_scale
         if g is None:
-            f = combine(c, _plist(ps), None, stg_scale=_scale_arg(s.scales), rescale=s.rescale,
+            f = combine(c, perturbed_arg(ps), None, stg_scale=stg_scale_arg(s.scales), rescale=s.rescale,
                         orthogonalize=call.orthogonalize)
             return with_prediction(out, f)
         # Near g = 1 and with rescale, see separate_fold.py (the fold that keeps the pipeline's rounding bounded).
-        c_folded, adjust_uncond = cond_return(c, _plist(ps), float(g), _scale_arg(s.scales), s.rescale,
+        c_folded, adjust_uncond = cond_return(c, perturbed_arg(ps), float(g), stg_scale_arg(s.scales), s.rescale,
                                               call.orthogonalize)
         if adjust_uncond:
             self.pending = dict(step=step, c=c, ps=ps, c_folded=c_folded, g=g, settings=s)
@@ -277,7 +271,6 @@ class SeparateDriver:
             return out
         s, g = p["settings"], p["g"]
         u = prediction(out)
-        f = combine(p["c"], _plist(p["ps"]), u, cfg_scale=g, stg_scale=_scale_arg(s.scales), rescale=s.rescale,
-                    orthogonalize=call.orthogonalize)
         # The pipeline computes u' + g (c' - u'); pick u' so that this is f.
-        return with_prediction(out, uncond_return(f, p["c_folded"], float(g), u.dtype))
+        return with_prediction(out, uncond_fold(p["c"], perturbed_arg(p["ps"]), u, p["c_folded"], g,
+                                                stg_scale_arg(s.scales), s.rescale, call.orthogonalize))

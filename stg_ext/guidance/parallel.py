@@ -57,9 +57,10 @@ from ..weak.adapters.base import ModelAdapter, argument, positional_names, read_
 from ..weak.batch import cond_half, take_rows
 from ..weak.hooks import install, uninstall
 from ..weak.model import resolve_layers
+from .combine_args import perturbed_arg, stg_scale_arg
 from .drivers import Call, SeparateDriver
 from .outputs import prediction, with_prediction
-from .separate_fold import cond_return, uncond_return
+from .separate_fold import cond_return, uncond_fold
 
 STASH_HOOK = "stg_ext.branch_stash"
 PLACEMENTS = ("auto", "cond", "stash", "full")
@@ -304,14 +305,6 @@ def _rows(call: Call) -> int:
     return call.args[0].shape[0]
 
 
-def _scale_arg(scales: Sequence[float]) -> Any:
-    return scales[0] if len(scales) == 1 else tuple(scales)
-
-
-def _plist(ps: List[torch.Tensor]) -> Any:
-    return ps[0] if len(ps) == 1 else tuple(ps)
-
-
 class _Branches:
     """Runs this rank's tasks of one call on the cond inputs `c_in` (and the uncond inputs `u_in`)."""
 
@@ -437,13 +430,13 @@ class ParallelCFGBatchDriver:
         self._record(call, p, sigma, sent, received, "cfg_batch")
         ps = [got[f"p{k}"] for k in range(n_p)]
         if not cfg:
-            f = got["c"] if s is None else combine(got["c"], _plist(ps), None, stg_scale=_scale_arg(s.scales),
+            f = got["c"] if s is None else combine(got["c"], perturbed_arg(ps), None, stg_scale=stg_scale_arg(s.scales),
                                                    rescale=s.rescale, orthogonalize=call.orthogonalize)
             return with_prediction(out, f)
         u, c = got["u"], got["c"]
         if s is None:
             return with_prediction(out, torch.cat([u, c]))
-        c_folded = combine(c, _plist(ps), u, cfg_scale=call.cfg_scale, stg_scale=_scale_arg(s.scales),
+        c_folded = combine(c, perturbed_arg(ps), u, cfg_scale=call.cfg_scale, stg_scale=stg_scale_arg(s.scales),
                            rescale=s.rescale, orthogonalize=call.orthogonalize, fold=True)
         self.last_fold = (c, c_folded)
         return with_prediction(out, torch.cat([u, c_folded]))
@@ -504,11 +497,11 @@ class ParallelSeparateDriver(SeparateDriver):
         if self._serial(call):
             # The single-process fold (separate_fold.py): c' now, u' from u in the uncond call.
             c_ret, adjust = (c, False) if s is None else cond_return(
-                c, _plist(ps), float(call.cfg_scale), _scale_arg(s.scales), s.rescale, call.orthogonalize)
+                c, perturbed_arg(ps), float(call.cfg_scale), stg_scale_arg(s.scales), s.rescale, call.orthogonalize)
             self.held = dict(step=step, serial=True, c=c, ps=ps, c_ret=c_ret, adjust=adjust)
             return with_prediction(out, c_ret)
-        f = c if s is None else combine(c, _plist(ps), None, stg_scale=_scale_arg(s.scales), rescale=s.rescale,
-                                        orthogonalize=call.orthogonalize)
+        f = c if s is None else combine(c, perturbed_arg(ps), None, stg_scale=stg_scale_arg(s.scales),
+                                        rescale=s.rescale, orthogonalize=call.orthogonalize)
         self.held = dict(step=step, f=f)  # Wan 2.2 at scale 1 still makes its uncond call: it returns f
         return with_prediction(out, f)
 
@@ -537,7 +530,7 @@ class ParallelSeparateDriver(SeparateDriver):
             f = (u.float() + g * (c.float() - u.float()))
         else:
             ps = [got[f"p{k}"] for k in range(n_p)]
-            f = combine(c, _plist(ps), u, cfg_scale=g, stg_scale=_scale_arg(s.scales), rescale=s.rescale,
+            f = combine(c, perturbed_arg(ps), u, cfg_scale=g, stg_scale=stg_scale_arg(s.scales), rescale=s.rescale,
                         orthogonalize=call.orthogonalize).float()
         # The pipeline computes u' + g (0 - u') with the cond call's 0: u' = f / (1 - g).
         return with_prediction(out, (f / (1.0 - g)).to(u.dtype))
@@ -552,9 +545,9 @@ class ParallelSeparateDriver(SeparateDriver):
         u = got["u"]
         if not held["adjust"]:
             return _placeholder(call, out, u)
-        f = combine(held["c"], _plist(held["ps"]), u, cfg_scale=call.cfg_scale, stg_scale=_scale_arg(s.scales),
-                    rescale=s.rescale, orthogonalize=call.orthogonalize)
-        return _placeholder(call, out, uncond_return(f, held["c_ret"], float(call.cfg_scale), u.dtype))
+        return _placeholder(call, out, uncond_fold(held["c"], perturbed_arg(held["ps"]), u, held["c_ret"],
+                                                   call.cfg_scale, stg_scale_arg(s.scales), s.rescale,
+                                                   call.orthogonalize))
 
     def _record(self, p: Plan, sigma: float, sent: int, received: int, role: str, step: int) -> None:
         state = self.bg.stash[id(self.model)]

@@ -53,5 +53,13 @@ def uncond_return(f: torch.Tensor, c_returned: torch.Tensor, g: float, dtype: to
     return ((f.to(compute) - g * c_returned.to(compute)) / (1.0 - g)).to(dtype)
 
 
+def uncond_fold(c: torch.Tensor, ps: Any, u: torch.Tensor, c_returned: torch.Tensor, g: Any, stg_scale: Any,
+                rescale: float, orthogonalize: bool) -> torch.Tensor:
+    """The uncond call's return: f = combine(c, ps, u) is the guided prediction, and the pipeline computes
+    u' + g (c_returned - u'), so u' = uncond_return(f, c_returned)."""
+    f = combine(c, ps, u, cfg_scale=g, stg_scale=stg_scale, rescale=rescale, orthogonalize=orthogonalize)
+    return uncond_return(f, c_returned, float(g), u.dtype)
+
+
 def _compute(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
