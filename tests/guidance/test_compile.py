@@ -24,12 +24,7 @@ TOL = 1e-5
 LATER = [(4, dict(scale=2.0, stop=0.5)), (3, dict(scale=1.0, rescale=0.7))]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _run(tp, steps):

@@ -44,12 +44,7 @@ CASES = [("wan", "fbc", "wrapper", "attention", "both_first"), ("wan", "fbc", "r
          ("mochi", "faster", "method", "residual", "cache_last")]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _run(tp):
