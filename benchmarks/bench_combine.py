@@ -22,6 +22,7 @@ import time
 from typing import Callable, Dict, List
 
 import torch
+import torch._dynamo
 
 import stg_ext
 from stg_ext.ops.reference import combine_reference
@@ -58,6 +59,9 @@ def candidates(c, p, u) -> Dict[str, Callable[[], object]]:
     def eager():
         return combine_reference(c, [p], u, CFG_SCALE, [STG_SCALE], RESCALE, False, False)
 
+    # A fresh dynamo cache per (shape, dtype, thread count): one compiled function for all of them would reach
+    # dynamo's recompile limit (8) after eight and then run eagerly, unreported.
+    torch._dynamo.reset()
     compiled_ref = torch.compile(combine_reference, dynamic=False)
 
     def compiled():
@@ -83,6 +87,9 @@ def cuda_candidates(c, p, u) -> Dict[str, Callable[[], object]]:
     def eager():
         return combine_reference(c, [p], u, CFG_SCALE, [STG_SCALE], RESCALE, False, False)
 
+    # A fresh dynamo cache per (shape, dtype, thread count): one compiled function for all of them would reach
+    # dynamo's recompile limit (8) after eight and then run eagerly, unreported.
+    torch._dynamo.reset()
     compiled_ref = torch.compile(combine_reference, dynamic=False)
     out = {"eager_reference": eager,
            "compiled_reference": lambda: compiled_ref(c, [p], u, CFG_SCALE, [STG_SCALE], RESCALE, False, False)}

@@ -24,7 +24,7 @@ TOL = 1e-5
 LATER = [(4, dict(scale=2.0, stop=0.5)), (3, dict(scale=1.0, rescale=0.7))]
 
 
-pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+pytestmark = [pytest.mark.usefixtures("fresh_dynamo"), pytest.mark.dynamo]
 
 
 def _run(tp, steps):

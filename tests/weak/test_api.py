@@ -51,6 +51,7 @@ def test_sequence_of_layers(wan):
     assert not torch.equal(both, one)
 
 
+@pytest.mark.dynamo
 def test_inductor_compiled_model(wan):
     model, inputs = wan
     torch._dynamo.reset()

@@ -44,7 +44,7 @@ CASES = [("wan", "fbc", "wrapper", "attention", "both_first"), ("wan", "fbc", "r
          ("mochi", "faster", "method", "residual", "cache_last")]
 
 
-pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+pytestmark = [pytest.mark.usefixtures("fresh_dynamo"), pytest.mark.dynamo]
 
 
 def _run(tp):

@@ -192,6 +192,7 @@ class WeakModelTests:
             assert torch.isfinite(p).all() and not torch.equal(p, c)
             torch.testing.assert_close(p.float(), want.float(), atol=0.05 * c.abs().max().item(), rtol=0.05)
 
+    @pytest.mark.dynamo
     def test_compiled_model(self, model, inputs):
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="aot_eager")

@@ -1,6 +1,7 @@
 """Weak model on Stable Video Diffusion's UNet (tiny random config with all 16 TransformerSpatioTemporalModels)."""
 import copy
 
+import pytest
 import torch
 from diffusers import UNetSpatioTemporalConditionModel
 from diffusers.models.transformers.transformer_temporal import TransformerTemporalModelOutput
@@ -129,6 +130,7 @@ class TestSVD(WeakModelTests):
         with torch.no_grad():
             assert not torch.equal(module(x, **kwargs, return_dict=False)[0], x)
 
+    @pytest.mark.dynamo
     def test_compiled_model(self):
         # The harness's test, on a smaller UNet. Two reasons, both outside stg_ext:
         # - torch 2.13's aot_eager fails on the 16-layer tiny UNet even without any hook ("Expected
