@@ -59,9 +59,6 @@ def candidates(c, p, u) -> Dict[str, Callable[[], object]]:
     def eager():
         return combine_reference(c, [p], u, CFG_SCALE, [STG_SCALE], RESCALE, False, False)
 
-    # A fresh dynamo cache per (shape, dtype, thread count): one compiled function for all of them would reach
-    # dynamo's recompile limit (8) after eight and then run eagerly, unreported.
-    torch._dynamo.reset()
     compiled_ref = torch.compile(combine_reference, dynamic=False)
 
     def compiled():
@@ -87,9 +84,6 @@ def cuda_candidates(c, p, u) -> Dict[str, Callable[[], object]]:
     def eager():
         return combine_reference(c, [p], u, CFG_SCALE, [STG_SCALE], RESCALE, False, False)
 
-    # A fresh dynamo cache per (shape, dtype, thread count): one compiled function for all of them would reach
-    # dynamo's recompile limit (8) after eight and then run eagerly, unreported.
-    torch._dynamo.reset()
     compiled_ref = torch.compile(combine_reference, dynamic=False)
     out = {"eager_reference": eager,
            "compiled_reference": lambda: compiled_ref(c, [p], u, CFG_SCALE, [STG_SCALE], RESCALE, False, False)}
@@ -142,6 +136,9 @@ def run(repeats: int, device: str = "cpu") -> List[dict]:
     for model, shape in LATENT_SHAPES.items():
         for dname, dtype in DTYPES.items():
             c, p, u = make_latents(shape, dtype, device=device)
+            # A fresh dynamo cache per (shape, dtype, thread count): one compiled reference for all of them would
+            # reach dynamo's recompile limit (8) after eight and then run eagerly, unreported.
+            torch._dynamo.reset()
             fns = candidates(c, p, u)
             timer = cuda_seconds if c.is_cuda else interleaved_seconds
             samples = timer(fns, repeats, warmup=2)

@@ -16,7 +16,6 @@ import warnings
 
 import pytest
 import torch
-import torch._dynamo
 from diffusers import FirstBlockCacheConfig
 from torch._dynamo.utils import counters
 
