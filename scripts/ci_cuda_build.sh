@@ -6,7 +6,7 @@
 #   2. the installed extension holds sm_80 and sm_90 code (cuobjdump --list-elf) and PTX for compute_90;
 #   3. both torch.ops.stg_ext ops have CUDA kernels in the dispatch table;
 #   4. the CPU test suite passes in that venv (a CUDA-torch user on a CPU path), from the clean copy, against the
-#      installed package (the nvcc and Triton compile tests and the denoiser-tracing `dynamo` tests run in part 1).
+#      installed package (the share tests/_ci_split.py gives part 2).
 # Exits non-zero on any failure.
 #   usage: scripts/ci_cuda_build.sh [VENV]   (default .venv-cuda)
 set -euo pipefail
@@ -55,13 +55,11 @@ echo "== CPU test suite with the CUDA torch (from the clean copy, against the in
 # The package sources leave the copy, so `import stg_ext` is the installed wheel's (with its _C), not the tree's;
 # the layout and error-catalog tests read the package as imported (tests/_package.py), so they check the wheel.
 rm -rf "$copy/stg_ext" "$copy/kernels"
-# The whole suite but the nvcc and Triton compile tests and the `dynamo` tests (torch.compile tracing a denoiser):
-# those run in part 1 only. The nvcc is the same one; compiling every Triton kernel variant for sm_80/sm_90 does not
-# depend on torch's CUDA build; dynamo, AOTAutograd and inductor's CPU code generation are the same Python in the CPU
-# and CUDA wheels of one torch version, and tracing takes over half of the suite's time (run twice, side by side on
-# 2 cores, CI took 41 min). The op tests under torch.compile (register_fake, the custom ops) do run here.
-(cd "$copy" && "$py" -m pytest -q -p no:cacheprovider -m "not dynamo" ${STG_EXT_CI_PYTEST_ARGS:-} tests \
-   --ignore=tests/ops/test_triton_compile.py --ignore=tests/ops/test_cuda_compile.py) 2>&1 | tee "$out/cpu_tests.log"
+# The suite's share of part 2 (tests/_ci_split.py): all but the Triton compile tests and the `dynamo` tests
+# (torch.compile tracing a denoiser) outside the cache tests; part 1 runs those. The op tests under torch.compile
+# (register_fake, the custom ops) run here too.
+(cd "$copy" && STG_EXT_CI_PART=cuda "$py" -m pytest -q -p no:cacheprovider ${STG_EXT_CI_PYTEST_ARGS:-} tests) 2>&1 \
+  | tee "$out/cpu_tests.log"
 rc=${PIPESTATUS[0]}
 t4=$(date +%s)
 echo "ci_cuda_build times (s): venv+deps $((t1 - t0)), CUDA build $((t2 - t1)), checks $((t3 - t2)), CPU tests $((t4 - t3)), total $((t4 - t0))"
