@@ -121,3 +121,28 @@ def test_public_names_resolve():
         assert getattr(stg_ext, name) is not None
     with pytest.raises(AttributeError):
         stg_ext.no_such_name
+
+
+def test_checkout_root_on_sys_path_does_not_shadow_other_kernels_packages():
+    # kernels/ is stg_ext.kernels, but from the checkout's root a plain `import kernels` finds the folder first;
+    # transformers (>= 5.25) imports Hugging Face's `kernels` package when it loads a model, and failed there
+    # ('cannot import name ... from kernels') before kernels/__init__.py handed the name on.
+    code = ("import importlib.util, os, sys\n"
+            "root = sys.argv[1]\n"
+            "try:\n"
+            "    import kernels\n"
+            "except ModuleNotFoundError as e:\n"
+            "    assert importlib.util.find_spec('kernels', [p for p in sys.path if p not in ('', root)]) is None\n"
+            "    assert 'stg_ext.kernels' in str(e), e\n"
+            "    print('absent')\n"
+            "else:\n"
+            "    assert os.path.realpath(kernels.__file__) != os.path.join(root, 'kernels', '__init__.py')\n"
+            "    print('elsewhere')\n"
+            "import stg_ext.kernels\n")
+    proc = subprocess.run([sys.executable, "-c", code, os.path.realpath(ROOT)], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() in ("absent", "elsewhere")
+    proc = subprocess.run([sys.executable, "-c", "from transformers import T5EncoderModel"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
