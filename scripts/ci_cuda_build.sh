@@ -59,8 +59,7 @@ rm -rf "$copy/stg_ext" "$copy/kernels"
 # (torch.compile tracing a denoiser) outside the cache tests; part 1 runs those. The op tests under torch.compile
 # (register_fake, the custom ops) run here too.
 (cd "$copy" && STG_EXT_CI_PART=cuda "$py" -m pytest -q -p no:cacheprovider ${STG_EXT_CI_PYTEST_ARGS:-} tests) 2>&1 \
-  | tee "$out/cpu_tests.log"
-rc=${PIPESTATUS[0]}
+  | tee "$out/cpu_tests.log" && rc=0 || rc=$?  # (set -e would leave before the times line on a failure)
 t4=$(date +%s)
 echo "ci_cuda_build times (s): venv+deps $((t1 - t0)), CUDA build $((t2 - t1)), checks $((t3 - t2)), CPU tests $((t4 - t3)), total $((t4 - t0))"
 exit "$rc"

@@ -184,6 +184,8 @@ class PerturbedBranch:
         self.prefix: Optional[PrefixState] = None
         self.join: Optional[JoinState] = None
         self._modes = tuple(modes)
+        # The caches as last scanned: a guidance session scans again where it checks them (caches.CacheScan).
+        self.cache_scan = caches.CacheScan(self.model)
         self.passes = PassOwner(type(self.model).__name__)  # one thread at a time in this denoiser's passes
         try:
             for mode in modes:
@@ -233,7 +235,7 @@ class PerturbedBranch:
         every pass: they stay (tests/distributed/test_context_parallel.py). A cache that approximates activations
         anywhere in the model (PAB's attention hooks too) makes the cond pass's activations at the perturbed block
         the cache's, not the uncached weak model's prefix: prefix reuse steps aside then as well (caches/)."""
-        if caches.approximating(self.model):
+        if self.cache_scan.approximating:
             return True
         for block in self._blocks:
             registry = getattr(block, "_diffusers_hook", None)

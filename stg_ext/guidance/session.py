@@ -163,6 +163,8 @@ class GuidanceSession(Handle):
 
     def _refuse_caches(self, config: STGConfig) -> None:
         spread = getattr(self, "branch_group", None) is not None  # process_group= (parallel.attach)
+        for branch in self.branches.values():  # the calls until the next check use this scan (caches.CacheScan)
+            branch.cache_scan = caches.CacheScan(branch.model)
         for model in self.models.values():
             reasons = caches.refusals(model, config, spread)
             if reasons:
@@ -217,7 +219,7 @@ class GuidanceSession(Handle):
                     self.config.orthogonalize, loop.cfg_scale, idle_layer=self.config.idle_layer(loop.step, loop.n_steps),
                     placement=self.config.placement, run=loop.run)
         context = hook.context._context
-        call.isolate = _own_cache_context(module, context)
+        call.isolate = _own_cache_context(module, self.branches[hook.denoiser].cache_scan, context)
         try:
             if loop.convention == "cfg_batch":
                 return driver(call)
@@ -251,14 +253,14 @@ class GuidanceSession(Handle):
                 f"rescale={c.rescale!r}, start={c.start}, stop={c.stop})")
 
 
-def _own_cache_context(module: nn.Module, context: Optional[CacheContext]):
+def _own_cache_context(module: nn.Module, scan: caches.CacheScan, context: Optional[CacheContext]):
     """The perturbed passes run with diffusers' cache hooks bypassed (caches/__init__.py: p is the uncached weak
     model's) and under a cache-context name of their own, so that any other stateful hook keeps separate state for
     them; the pipeline's context is set again afterwards."""
 
     @contextmanager
     def isolate(mode: str) -> Iterator[None]:
-        with caches.bypassed(module):
+        with scan.bypassed():
             if context is None:
                 yield
                 return
