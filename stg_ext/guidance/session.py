@@ -219,7 +219,7 @@ class GuidanceSession(Handle):
                     self.config.orthogonalize, loop.cfg_scale, idle_layer=self.config.idle_layer(loop.step, loop.n_steps),
                     placement=self.config.placement, run=loop.run)
         context = hook.context._context
-        call.isolate = _own_cache_context(module, self.branches[hook.denoiser].cache_scan, context)
+        call.isolate = _own_cache_context(module, call.branch.cache_scan, context)
         try:
             if loop.convention == "cfg_batch":
                 return driver(call)

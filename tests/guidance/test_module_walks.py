@@ -1,9 +1,9 @@
 """No walk over the denoiser's modules from stg_ext's code in a run's later calls.
 
-A walk over every module of a large denoiser costs milliseconds of Python (Mochi's 2410 modules: 9-13 ms here for the two
-walks each STG call used to make: the cache check and the cache bypass), paid on the host at every step. The session
-scans the caches where it checks them (apply, each run's start and first call: caches.CacheScan); from the run's
-second denoiser call on, `nn.Module.named_modules` (which `modules()` calls) must not be called from stg_ext.
+A walk over every module of a large denoiser costs milliseconds of Python (Mochi's 2410 modules: 9-13 ms here for
+the two walks each STG call used to make: the cache check and the cache bypass), paid on the host at every step. The
+session scans the caches where it checks them (apply, each run's start and first call: caches.CacheScan); from the
+run's second denoiser call on, `nn.Module.named_modules` (which `modules()` calls) must not be called from stg_ext.
 """
 from __future__ import annotations
 
