@@ -163,10 +163,10 @@ class GuidanceSession(Handle):
 
     def _refuse_caches(self, config: STGConfig) -> None:
         spread = getattr(self, "branch_group", None) is not None  # process_group= (parallel.attach)
-        for branch in self.branches.values():  # the calls until the next check use this scan (caches.CacheScan)
-            branch.cache_scan = caches.CacheScan(branch.model)
-        for model in self.models.values():
-            reasons = caches.refusals(model, config, spread)
+        for name, model in self.models.items():  # the calls until the next check use these scans
+            self.branches[name].cache_scan = caches.CacheScan(model)
+        for name, model in self.models.items():
+            reasons = caches.refusals(model, config, spread, self.branches[name].cache_scan)
             if reasons:
                 raise ValueError("; ".join(reasons))
 

@@ -31,8 +31,6 @@ def walks_from_stg_ext(model: nn.Module):
     def counted(self, *args, **kwargs):
         if state["calls"]:
             frame = sys._getframe(1)
-            while frame is not None and frame.f_code.co_filename == __file__:
-                frame = frame.f_back
             # modules() is named_modules' own caller: look one frame further
             if frame is not None and frame.f_code.co_name == "modules":
                 frame = frame.f_back

@@ -14,7 +14,7 @@ at each run's first call, so installing a cache after apply_stg is seen before (
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, List, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 from diffusers.hooks import HookRegistry
 from torch import nn
@@ -123,12 +123,12 @@ def arrange(model: nn.Module, name: str) -> bool:
     return True
 
 
-def refusals(model: nn.Module, config: Any, spread: bool = False) -> List[str]:
+def refusals(model: nn.Module, config: Any, spread: bool = False, scan: Optional[CacheScan] = None) -> List[str]:
     """Why STG with `config` has no meaning alongside the caches on `model` (empty: it has). `spread`: the session's
     branches run on several processes (process_group=), each of whose cache would see only its own rank's calls
-    and approximate them differently from one process."""
+    and approximate them differently from one process. `scan`: a scan of `model` just taken (else one is taken)."""
     out = []
-    kinds = present(model)
+    kinds = (scan if scan is not None else CacheScan(model)).kinds
     if spread and any(not kind.exact for kind in kinds):
         names = ", ".join(kind.name for kind in kinds if not kind.exact)
         out.append(f"stg_ext: process_group= spreads a step's branches over processes, and {type(model).__name__} "
