@@ -152,10 +152,13 @@ def test_checkout_root_on_sys_path_does_not_shadow_other_kernels_packages():
         assert proc.stdout.split(":", 1)[1].strip() != ours
     else:
         assert proc.stdout.startswith("absent:") and "stg_ext.kernels" in proc.stdout, proc.stdout
-    # Without site-packages (-S) no other `kernels` exists: the import fails as for a missing package.
+    # Without site-packages (-S) no other `kernels` exists: the import fails as for a missing package (with the
+    # folder's message where the tree has it; CI part 2 runs the tests from a copy without the package sources).
     proc = _import_kernels_in_checkout("-S")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("absent:") and "stg_ext.kernels" in proc.stdout, proc.stdout
+    assert proc.stdout.startswith("absent:"), proc.stdout
+    if os.path.exists(ours):
+        assert "stg_ext.kernels" in proc.stdout, proc.stdout
     proc = subprocess.run([sys.executable, "-c", "import stg_ext.kernels; from transformers import T5EncoderModel"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
